@@ -146,6 +146,8 @@ class CounterStore:
         self._save_interval = save_interval
         self._file_exists = path.exists()
         self._unsaved = asyncio.Event()  # set by every change, cleared when a save takes a snapshot
+        if not self._file_exists:
+            self._unsaved.set()  # the first save creates it
         self._one_save_at_a_time = asyncio.Lock()
         self.save_error: str | None = None  # why the last save failed; None while saves work
 
@@ -544,7 +546,8 @@ def create_app(data_path: str | os.PathLike[str] = Settings.data_path, **options
                            settings.max_listeners or default_max_listeners())
     for path in ("/counters/{counter_id}/", "/counters/{counter_id}"):
         resource = app.router.add_resource(path)
-        resource.add_route("GET", get_counter)  # HEAD too
+        resource.add_route("GET", get_counter)
+        resource.add_route("HEAD", get_counter)
         resource.add_route("POST", increment_counter)
         resource.add_route("OPTIONS", preflight)
     for path in ("/counters/", "/counters"):

@@ -1,0 +1,591 @@
+"""Behaviour of livecounter as a client sees it, over real sockets.
+
+Most tests run the app in the test's event loop behind pytest-aiohttp's real TCP server; the ones
+about start-up, shutdown, restarts and crashes run `python livecounter.py` as a separate process.
+"""
+
+import asyncio
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import sys
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+import livecounter
+from livecounter import create_app
+
+HERE = Path(__file__).parent
+SSE = {"Accept": "text/event-stream"}
+
+
+def frame(value):
+    return b"event: message\ndata: %d\n\n" % value
+
+
+@pytest.fixture
+def data_file(tmp_path):
+    path = tmp_path / "counters.json"
+    shutil.copy(HERE / "counters.json", path)
+    return path
+
+
+@pytest.fixture
+def make_client(aiohttp_client, data_file):
+    async def make(**options):
+        return await aiohttp_client(create_app(options.pop("data_path", data_file), **options))
+    return make
+
+
+@pytest.fixture
+async def client(make_client):
+    return await make_client()
+
+
+async def read_frame(response, timeout=5):
+    """The next SSE frame of an aiohttp client response, keep-alive comments included."""
+    return await asyncio.wait_for(response.content.readuntil(b"\n\n"), timeout)
+
+
+async def read_until_value(response, value, timeout=5):
+    """Every value frame up to and including the one carrying value."""
+    values = []
+    async with asyncio.timeout(timeout):
+        while not values or values[-1] != value:
+            received = await response.content.readuntil(b"\n\n")
+            if received != b":\n\n":
+                values.append(int(received.removeprefix(b"event: message\ndata: ")))
+    return values
+
+
+async def open_raw(client_or_port, request: bytes, rcvbuf=None):
+    """A raw TCP connection that sent request; returns the socket, which the test reads (or doesn't)."""
+    port = client_or_port if isinstance(client_or_port, int) else client_or_port.port
+    sock = socket.socket()
+    if rcvbuf:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    await loop.sock_connect(sock, ("127.0.0.1", port))
+    await loop.sock_sendall(sock, request)
+    return sock
+
+
+async def recv_until(sock, marker: bytes, received=b"", timeout=5):
+    loop = asyncio.get_running_loop()
+    async with asyncio.timeout(timeout):
+        while marker not in received:
+            data = await loop.sock_recv(sock, 65536)
+            if not data:
+                raise ConnectionError(f"closed before {marker!r}; got {received!r}")
+            received += data
+    return received
+
+
+def sse_request(path="/counters/2/", version="1.1"):
+    return f"GET {path} HTTP/{version}\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n".encode()
+
+
+# --- values over plain HTTP ------------------------------------------------------------------------
+
+async def test_get_answers_the_value_as_text_or_json(client):
+    response = await client.get("/counters/2/")
+    assert response.status == 200
+    assert response.content_type == "text/plain"
+    assert await response.read() == b"0\n"
+
+    response = await client.get("/counters/2/", headers={"Accept": "application/json"})
+    assert response.content_type == "application/json"
+    assert await response.json() == {"id": "2", "value": 0}
+
+    response = await client.get("/counters/2/", headers={"Accept": "text/html,application/xhtml+xml,*/*"})
+    assert await response.read() == b"0\n"
+
+
+async def test_post_increments_and_answers_the_new_value(client):
+    for expected in (1, 2, 3):
+        response = await client.post("/counters/5/", headers={"Content-Length": "0"})
+        assert response.status == 200
+        assert response.content_type == "text/plain"
+        assert await response.read() == b"%d\n" % expected
+    assert await (await client.get("/counters/5/")).read() == b"3\n"
+    assert await (await client.get("/counters/4/")).read() == b"0\n"
+
+
+async def test_the_path_without_trailing_slash_works_too(client):
+    assert await (await client.post("/counters/7")).read() == b"1\n"
+    assert await (await client.get("/counters/7")).read() == b"1\n"
+    response = await client.get("/counters/7", headers=SSE)
+    assert await read_frame(response) == frame(1)
+    response.close()
+
+
+async def test_head_answers_headers_only(client):
+    response = await client.head("/counters/3/")
+    assert response.status == 200
+    assert response.content_type == "text/plain"
+    assert await response.read() == b""
+
+    response = await client.head("/counters/3/", headers=SSE)
+    assert response.status == 200
+    assert response.content_type == "text/event-stream"
+    assert await response.read() == b""
+
+
+async def test_list_of_all_counters(client):
+    await client.post("/counters/9/")
+    response = await client.get("/counters/")
+    assert response.content_type == "application/json"
+    assert await response.json() == {str(i): (1 if i == 9 else 0) for i in range(1, 10)}
+    assert await (await client.get("/counters")).json() == await response.json()
+
+
+# --- Server-Sent Events ----------------------------------------------------------------------------
+
+async def test_event_stream_bytes_on_the_wire(client):
+    sock = await open_raw(client, sse_request())
+    received = await recv_until(sock, b"\n\n\r\n")
+    head, _, body = received.partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    assert lines[0] == "HTTP/1.1 200 OK"
+    headers = {name.lower(): value for name, value in (line.split(": ", 1) for line in lines[1:])}
+    assert headers["content-type"] == "text/event-stream"
+    assert headers["transfer-encoding"] == "chunked"
+    assert headers["cache-control"] == "no-cache"
+    assert headers["x-accel-buffering"] == "no"
+    assert headers["access-control-allow-origin"] == "*"
+    assert body == b"18\r\nevent: message\ndata: 0\n\n\r\n"
+
+    await client.post("/counters/2/")
+    received = await recv_until(sock, b"\n\n\r\n")
+    assert received == b"18\r\nevent: message\ndata: 1\n\n\r\n"
+    sock.close()
+
+
+async def test_http10_stream_is_not_chunked(client):
+    sock = await open_raw(client, sse_request(version="1.0"))
+    received = await recv_until(sock, b"\n\n")
+    head, _, body = received.partition(b"\r\n\r\n")
+    assert b"chunked" not in head.lower()
+    assert body == frame(0)
+    await client.post("/counters/2/")
+    assert await recv_until(sock, b"\n\n") == frame(1)
+    sock.close()
+
+
+async def test_every_listener_receives_every_change(client):
+    listeners = [await client.get("/counters/4/", headers=SSE) for _ in range(3)]
+    for listener in listeners:
+        assert listener.headers["Content-Type"] == "text/event-stream"
+        assert await read_frame(listener) == frame(0)
+    other = await client.get("/counters/5/", headers=SSE)
+    assert await read_frame(other) == frame(0)
+
+    for value in (1, 2, 3):
+        await client.post("/counters/4/")
+        for listener in listeners:
+            assert await read_frame(listener) == frame(value)
+    await client.post("/counters/5/")
+    assert await read_frame(other) == frame(1)  # counter 4's changes never reached it
+
+
+async def test_a_late_listener_starts_from_the_current_value(client):
+    for _ in range(5):
+        await client.post("/counters/6/")
+    listener = await client.get("/counters/6/", headers=SSE)
+    assert await read_frame(listener) == frame(5)
+
+
+async def test_a_burst_of_increments_ends_every_listener_on_the_final_value(client):
+    listeners = [await client.get("/counters/1/", headers=SSE) for _ in range(20)]
+    for listener in listeners:
+        await read_frame(listener)
+    await asyncio.gather(*(client.post("/counters/1/") for _ in range(500)))
+    for listener in listeners:
+        values = await read_until_value(listener, 500)
+        assert values == sorted(set(values)), "values arrive in order, each once"
+
+
+async def test_idle_streams_get_keepalive_comments(make_client):
+    client = await make_client(keepalive_interval=0.2)
+    listener = await client.get("/counters/2/", headers=SSE)
+    assert await read_frame(listener) == frame(0)
+    assert await read_frame(listener, timeout=2) == b":\n\n"
+    assert await read_frame(listener, timeout=2) == b":\n\n"
+    await client.post("/counters/2/")
+    assert await read_until_value(listener, 1) == [1]
+
+
+async def test_listeners_past_the_limit_get_503_with_retry_after(make_client):
+    client = await make_client(max_listeners=2)
+    first = await client.get("/counters/1/", headers=SSE)
+    second = await client.get("/counters/2/", headers=SSE)
+    refused = await client.get("/counters/3/", headers=SSE)
+    assert refused.status == 503
+    assert refused.headers["Retry-After"].isdigit()
+    assert (await refused.text()).count("\n") == 1
+    first.close()
+    await asyncio.sleep(1)  # the sweep notices the closed stream
+    again = await client.get("/counters/3/", headers=SSE)
+    assert again.status == 200
+    second.close()
+
+
+# --- listeners that stop reading -------------------------------------------------------------------
+
+async def test_a_frozen_listener_skips_values_and_catches_up_with_the_latest(client):
+    frozen = await open_raw(client, sse_request(), rcvbuf=1024)  # never reads until the end
+    healthy = await client.get("/counters/2/", headers=SSE)
+    assert await read_frame(healthy) == frame(0)
+
+    posts = 3000
+    for value in range(1, posts + 1):
+        await client.post("/counters/2/")
+        if value % 500 == 0:  # the healthy listener keeps up all along
+            assert (await read_until_value(healthy, value))[-1] == value
+
+    frozen.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)  # thaw: a tiny window reads slowly
+    received = await recv_until(frozen, b"data: %d\n" % posts, timeout=5)
+    values = [int(line[6:]) for line in received.split(b"\n") if line.startswith(b"data: ")]
+    assert values == sorted(values)
+    assert len(values) < posts, "the frozen listener skipped values instead of buffering them all"
+    frozen.close()
+
+
+async def test_a_listener_stuck_past_the_timeout_is_disconnected(make_client):
+    client = await make_client(stall_timeout=1)
+    stuck = await open_raw(client, sse_request(), rcvbuf=1024)
+    healthy = await client.get("/counters/2/", headers=SSE)
+    await read_frame(healthy)
+    for _ in range(3000):
+        await client.post("/counters/2/")
+    assert (await read_until_value(healthy, 3000))[-1] == 3000
+    await asyncio.sleep(2.5)  # past the stall timeout and the next sweep
+
+    loop = asyncio.get_running_loop()
+    received = b""
+    try:
+        async with asyncio.timeout(5):  # the server closed it: reading ends instead of waiting
+            while data := await loop.sock_recv(stuck, 65536):
+                received += data
+    except ConnectionResetError:
+        pass  # aborted: what the server had queued is dropped
+    assert b"data: 3000\n" not in received, "it was dropped, not caught up"
+    stuck.close()
+    await client.post("/counters/2/")
+    assert await read_until_value(healthy, 3001) == [3001]
+
+
+# --- errors ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("path", [
+    "/counters/a%20b/", "/counters/" + "x" * 65 + "/", "/counters/%C3%A9/", "/counters/a:b/",
+    "/counters/a%2Fb/",
+])
+async def test_an_invalid_id_gets_400_with_a_reason(client, path):
+    for method in ("GET", "POST"):
+        response = await client.request(method, path)
+        assert response.status in (400, 404)
+        text = await response.text()
+        assert text.count("\n") <= 1 and text.strip()
+    response = await client.get("/counters/a%20b/")
+    assert response.status == 400
+    assert await response.text() == "invalid counter id: an id is 1-64 letters, digits, '.', '_' or '-'\n"
+
+
+async def test_an_unknown_counter_gets_404(client):
+    for method, headers in (("GET", {}), ("GET", SSE), ("POST", {}), ("HEAD", {})):
+        response = await client.request(method, "/counters/nope/", headers=headers)
+        assert response.status == 404
+    assert await (await client.get("/counters/nope/")).text() == "unknown counter 'nope'\n"
+    assert await (await client.get("/counters/" + "a" * 64 + "/")).text() == f"unknown counter '{'a' * 64}'\n"
+
+
+async def test_a_wrong_method_gets_405_with_allow(client):
+    for method in ("PUT", "DELETE", "PATCH"):
+        response = await client.request(method, "/counters/1/")
+        assert response.status == 405
+        assert {"GET", "POST"} <= set(response.headers["Allow"].split(","))
+    response = await client.post("/counters/")
+    assert response.status == 405
+
+
+async def test_an_oversized_body_gets_413(client):
+    response = await client.post("/counters/1/", data=b"x" * 5000)
+    assert response.status == 413
+    assert (await response.text()).endswith("no body (at most 1024 bytes)\n")
+
+    async def chunked_body():
+        for _ in range(10):
+            yield b"x" * 500
+    response = await client.post("/counters/1/", data=chunked_body())
+    assert response.status == 413
+
+    response = await client.post("/counters/1/", data={"views": "1"})  # a small form is fine
+    assert response.status == 200
+    assert await (await client.get("/counters/1/")).text() == "1\n"
+
+
+async def test_an_increment_past_the_largest_exact_integer_gets_409(make_client, tmp_path):
+    path = tmp_path / "big.json"
+    path.write_text(json.dumps({"big": 2**53 - 2}))
+    client = await make_client(data_path=path)
+    assert await (await client.post("/counters/big/")).text() == f"{2**53 - 1}\n"
+    response = await client.post("/counters/big/")
+    assert response.status == 409
+    assert await response.text() == f"counter 'big' is at its maximum, {2**53 - 1}\n"
+    assert await (await client.get("/counters/big/")).text() == f"{2**53 - 1}\n"
+
+
+# --- CORS ------------------------------------------------------------------------------------------
+
+async def test_every_response_allows_any_origin_by_default(client):
+    origin = {"Origin": "https://blog.example"}
+    responses = [
+        await client.get("/counters/1/", headers=origin),
+        await client.post("/counters/1/", headers=origin),
+        await client.get("/counters/", headers=origin),
+        await client.get("/counters/nope/", headers=origin),
+        await client.get("/counters/a b/", headers=origin),
+        await client.put("/counters/1/", headers=origin),
+        await client.get("/healthz", headers=origin),
+        await client.get("/counters/1/", headers={**origin, **SSE}),
+    ]
+    for response in responses:
+        assert response.headers["Access-Control-Allow-Origin"] == "*", response
+
+
+async def test_preflight_is_answered(client):
+    response = await client.options("/counters/1/", headers={
+        "Origin": "https://blog.example",
+        "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "content-type, x-requested-with",
+    })
+    assert response.status == 204
+    assert response.headers["Access-Control-Allow-Origin"] == "*"
+    assert "POST" in response.headers["Access-Control-Allow-Methods"]
+    assert response.headers["Access-Control-Allow-Headers"] == "content-type, x-requested-with"
+
+
+async def test_cors_origin_restricts(make_client):
+    client = await make_client(cors_origin="https://mine.example")
+    response = await client.post("/counters/1/", headers={"Origin": "https://other.example"})
+    assert response.headers["Access-Control-Allow-Origin"] == "https://mine.example"
+
+
+# --- embedding -------------------------------------------------------------------------------------
+
+async def test_it_mounts_as_a_sub_app(aiohttp_client, data_file):
+    parent = web.Application()
+    parent.add_subapp("/live/", create_app(data_path=data_file))
+    client = await aiohttp_client(parent)
+    listener = await client.get("/live/counters/3/", headers=SSE)
+    assert await read_frame(listener) == frame(0)
+    assert await (await client.post("/live/counters/3/")).text() == "1\n"
+    assert await read_frame(listener) == frame(1)
+    assert await (await client.get("/live/counters/")).json() == {**{str(i): 0 for i in range(1, 10)}, "3": 1}
+    assert (await client.get("/counters/3/")).status == 404
+
+
+# --- persistence, in process -----------------------------------------------------------------------
+
+async def test_changes_are_written_behind_within_the_save_interval(make_client, data_file):
+    client = await make_client(save_interval=0.1)
+    for _ in range(3):
+        await client.post("/counters/8/")
+    await asyncio.sleep(0.5)
+    assert json.loads(data_file.read_text())["8"] == 3
+
+
+async def test_health_reports_failing_saves_and_recovery(make_client, tmp_path):
+    directory = tmp_path / "data"
+    directory.mkdir()
+    shutil.copy(HERE / "counters.json", directory / "counters.json")
+    client = await make_client(data_path=directory / "counters.json", save_interval=0.1)
+    assert await (await client.get("/healthz")).text() == "ok\n"
+
+    shutil.rmtree(directory)  # the directory is gone: saves fail
+    assert await (await client.post("/counters/1/")).text() == "1\n"
+    await asyncio.sleep(0.5)
+    response = await client.get("/healthz")
+    assert response.status == 503
+    assert "No such file or directory" in await response.text()
+    assert await (await client.get("/counters/1/")).text() == "1\n"  # reads keep working
+
+    directory.mkdir()
+    await asyncio.sleep(0.5)
+    assert (await client.get("/healthz")).status == 200
+    assert json.loads((directory / "counters.json").read_text())["1"] == 1
+
+
+async def test_a_missing_data_file_starts_empty_and_is_created(make_client, tmp_path):
+    path = tmp_path / "new.json"
+    client = await make_client(data_path=path, save_interval=0.1)
+    assert await (await client.get("/counters/")).json() == {}
+    await asyncio.sleep(0.5)
+    assert json.loads(path.read_text()) == {}
+
+
+# --- the command line, as separate processes -------------------------------------------------------
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Server:
+    """`python livecounter.py` in a process of its own."""
+
+    def __init__(self, data_file, *args, env=None):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.args = ["--port", str(self.port), "--data", str(data_file), *args]
+        self.env = {**os.environ, **(env or {})}
+
+        self.log = Path(data_file).with_suffix(".log")  # stderr: a pipe nobody reads would fill up
+
+    async def start(self):
+        with open(self.log, "ab") as log:
+            self.process = await asyncio.create_subprocess_exec(
+                sys.executable, str(HERE / "livecounter.py"), *self.args, env=self.env,
+                stdout=asyncio.subprocess.PIPE, stderr=log)
+        line = await asyncio.wait_for(self.process.stdout.readline(), 10)
+        assert f"serving {self.url}/counters/" in line.decode(), line
+        return self
+
+    async def stop(self, sig=signal.SIGTERM, timeout=10):
+        self.process.send_signal(sig)
+        await asyncio.wait_for(self.process.communicate(), timeout)
+        return self.process.returncode
+
+
+async def test_values_survive_a_restart(data_file):
+    server = await Server(data_file).start()
+    async with aiohttp.ClientSession() as session:
+        for _ in range(3):
+            await session.post(f"{server.url}/counters/3/")
+    assert await server.stop() == 0
+    assert json.loads(data_file.read_text())["3"] == 3
+
+    server = await Server(data_file).start()
+    async with aiohttp.ClientSession() as session:
+        assert await (await session.get(f"{server.url}/counters/3/")).text() == "3\n"
+    await server.stop()
+
+
+async def test_shutdown_is_prompt_and_saves_with_vanished_and_frozen_listeners(data_file):
+    server = await Server(data_file, "--save-interval", "60").start()
+    vanished = await open_raw(server.port, sse_request("/counters/4/"))
+    await recv_until(vanished, b"\n\n")
+    vanished.close()
+    frozen = await open_raw(server.port, sse_request("/counters/4/"), rcvbuf=1024)
+    async with aiohttp.ClientSession() as session:
+        for _ in range(5):
+            await session.post(f"{server.url}/counters/4/")
+    assert await server.stop(timeout=5) == 0
+    assert json.loads(data_file.read_text())["4"] == 5
+    frozen.close()
+
+
+async def test_sigint_saves_too(data_file):
+    server = await Server(data_file, "--save-interval", "60").start()
+    async with aiohttp.ClientSession() as session:
+        await session.post(f"{server.url}/counters/6/")
+    assert await server.stop(signal.SIGINT) == 0
+    assert json.loads(data_file.read_text())["6"] == 1
+
+
+async def test_kill_9_during_saves_leaves_a_valid_file(data_file):
+    acknowledged = 0
+    for _ in range(8):
+        server = await Server(data_file, "--save-interval", "0.001").start()
+
+        async def post_until_killed(session):
+            nonlocal acknowledged
+            try:
+                while True:
+                    response = await session.post(f"{server.url}/counters/1/")
+                    acknowledged += response.status == 200
+            except aiohttp.ClientError:
+                pass
+
+        async with aiohttp.ClientSession() as session:
+            posting = [asyncio.create_task(post_until_killed(session)) for _ in range(4)]
+            await asyncio.sleep(random.uniform(0.2, 0.6))
+            await server.stop(signal.SIGKILL)
+            for task in posting:
+                task.cancel()
+            await asyncio.gather(*posting, return_exceptions=True)
+        counters = json.loads(data_file.read_text())  # valid JSON after every kill
+        assert set(counters) == {str(i) for i in range(1, 10)}
+        assert 0 <= counters["1"] <= acknowledged + 4  # +4: requests in flight when killed
+    assert counters["1"] > 0
+
+
+@pytest.mark.parametrize("content, problem", [
+    ("{not json", "not valid JSON"),
+    ("[1, 2]", "must be a JSON object"),
+    ('{"1": 1.5}', "holds 1.5, not an integer"),
+    ('{"1": true}', "holds true, not an integer"),
+    ('{"1": "3"}', 'holds "3", not an integer'),
+    ('{"a b": 1}', "invalid counter id 'a b'"),
+    ('{"1": 9007199254740992}', "outside"),
+    ('{"1": 1, "1": 2}', "appears twice"),
+    ("\xff", "cannot read"),
+])
+async def test_a_bad_data_file_stops_the_server_with_one_clear_line(tmp_path, content, problem):
+    path = tmp_path / "bad.json"
+    path.write_bytes(content.encode("latin-1"))
+    before = path.read_bytes()
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, str(HERE / "livecounter.py"), "--data", str(path), "--port", str(free_port()),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    stdout, stderr = await asyncio.wait_for(process.communicate(), 10)
+    assert process.returncode == 2
+    lines = stderr.decode().splitlines()
+    assert len(lines) == 1, lines
+    assert str(path) in lines[0] and problem in lines[0], lines[0]
+    assert path.read_bytes() == before
+
+
+async def test_options_come_from_environment_variables(data_file):
+    port = free_port()
+    server = Server(data_file, env={"LIVECOUNTER_PORT": str(port), "LIVECOUNTER_CORS_ORIGIN": "https://a.example"})
+    server.args = ["--data", str(data_file)]
+    server.port, server.url = port, f"http://127.0.0.1:{port}"
+    await server.start()
+    async with aiohttp.ClientSession() as session:
+        response = await session.get(f"{server.url}/counters/1/")
+        assert response.headers["Access-Control-Allow-Origin"] == "https://a.example"
+    await server.stop()
+
+
+async def test_help_documents_every_option():
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, str(HERE / "livecounter.py"), "--help", stdout=asyncio.subprocess.PIPE)
+    stdout, _ = await process.communicate()
+    text = " ".join(stdout.decode().split())
+    for option in ("--host", "--port", "--data", "--save-interval", "--keepalive-interval",
+                   "--stall-timeout", "--cors-origin", "--max-listeners"):
+        assert option in text
+        assert "LIVECOUNTER_" + option[2:].replace("-", "_").upper() in text
+
+
+async def test_a_taken_port_is_one_clear_line(data_file):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, str(HERE / "livecounter.py"), "--data", str(data_file),
+            "--port", str(taken.getsockname()[1]),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        _, stderr = await asyncio.wait_for(process.communicate(), 10)
+    assert process.returncode == 1
+    assert "cannot listen on 127.0.0.1" in stderr.decode().splitlines()[-1]
