@@ -118,6 +118,11 @@ def _refuse_duplicate_ids(pairs: list[tuple[str, object]]) -> dict[str, object]:
     return result
 
 
+def write_counters(path: Path, counters: dict[str, int]) -> None:
+    """Runs in a thread: with indent, json encodes in Python and lets the event loop take turns."""
+    write_atomically(path, (json.dumps(counters, indent=2) + "\n").encode())
+
+
 def write_atomically(path: Path, data: bytes) -> None:
     """Replace path with data so that a crash at any instant leaves the old file or the new one."""
     temporary = path.with_name(path.name + ".tmp")
@@ -186,8 +191,7 @@ class CounterStore:
         """Write every value now. A failure is logged once per outage and leaves the values unsaved."""
         async with self._one_save_at_a_time:
             self._unsaved.clear()
-            data = (json.dumps(self.snapshot(), indent=2) + "\n").encode()
-            write = asyncio.ensure_future(asyncio.to_thread(write_atomically, self.path, data))
+            write = asyncio.ensure_future(asyncio.to_thread(write_counters, self.path, self.snapshot()))
             try:
                 await asyncio.shield(write)
             except asyncio.CancelledError:
