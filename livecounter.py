@@ -237,6 +237,9 @@ def chunk(payload: bytes) -> bytes:
     return b"%x\r\n%s\r\n" % (len(payload), payload)
 
 
+KEEPALIVE_CHUNK = chunk(KEEPALIVE)
+
+
 class Listener:
     __slots__ = ("transport", "chunked", "channel", "ended", "behind_since")
 
@@ -297,6 +300,8 @@ class ListenerHub:
         if channel is None:
             channel = self._channels[counter_id] = Channel(counter_id, value)
         listener = Listener(transport, chunked, channel)
+        if self._closing:  # shutdown began while its headers were being sent
+            listener.end()
         sock = transport.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, LISTENER_SNDBUF)
@@ -341,6 +346,7 @@ class ListenerHub:
         channel.pending = asyncio.get_running_loop().call_later(3 * elapsed, self._broadcast, channel)
 
     def _write_all(self, channel: Channel, payload: bytes, chunked_payload: bytes) -> None:
+        """Write to every listener that keeps up; mark the ones that don't, end the vanished ones."""
         now = time.monotonic()
         channel.last_write = now
         for listener in channel.listeners:
@@ -368,16 +374,13 @@ class ListenerHub:
         now = time.monotonic()
         for listener in list(self._behind):
             self._catch_up(listener, now)
-        keepalive = chunk(KEEPALIVE)
         for channel in self._channels.values():
-            idle = now - channel.last_write >= self._keepalive_interval
-            for listener in channel.listeners:
-                if listener.transport.is_closing():
-                    listener.end()
-                elif idle and not listener.behind_since:
-                    listener.write(KEEPALIVE, keepalive)
-            if idle:
-                channel.last_write = now
+            if now - channel.last_write >= self._keepalive_interval:
+                self._write_all(channel, KEEPALIVE, KEEPALIVE_CHUNK)
+            else:
+                for listener in channel.listeners:
+                    if listener.transport.is_closing():
+                        listener.end()
 
     def _catch_up(self, listener: Listener, now: float) -> None:
         transport = listener.transport

@@ -88,6 +88,38 @@ async def recv_until(sock, marker: bytes, received=b"", timeout=5):
     return received
 
 
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Server:
+    """`python livecounter.py` in a process of its own."""
+
+    def __init__(self, data_file, *args, env=None):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.args = ["--port", str(self.port), "--data", str(data_file), *args]
+        self.env = {**os.environ, **(env or {})}
+
+        self.log = Path(data_file).with_suffix(".log")  # stderr: a pipe nobody reads would fill up
+
+    async def start(self):
+        with open(self.log, "ab") as log:
+            self.process = await asyncio.create_subprocess_exec(
+                sys.executable, str(HERE / "livecounter.py"), *self.args, env=self.env,
+                stdout=asyncio.subprocess.PIPE, stderr=log)
+        line = await asyncio.wait_for(self.process.stdout.readline(), 10)
+        assert f"serving {self.url}/counters/" in line.decode(), line
+        return self
+
+    async def stop(self, sig=signal.SIGTERM, timeout=10):
+        self.process.send_signal(sig)
+        await asyncio.wait_for(self.process.communicate(), timeout)
+        return self.process.returncode
+
+
 def sse_request(path="/counters/2/", version="1.1"):
     return f"GET {path} HTTP/{version}\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n".encode()
 
@@ -258,28 +290,31 @@ async def test_a_frozen_listener_skips_values_and_catches_up_with_the_latest(cli
     frozen.close()
 
 
-async def test_a_listener_stuck_past_the_timeout_is_disconnected(make_client):
-    client = await make_client(stall_timeout=1)
-    stuck = await open_raw(client, sse_request(), rcvbuf=1024)
-    healthy = await client.get("/counters/2/", headers=SSE)
-    await read_frame(healthy)
-    for _ in range(3000):
-        await client.post("/counters/2/")
-    assert (await read_until_value(healthy, 3000))[-1] == 3000
-    await asyncio.sleep(2.5)  # past the stall timeout and the next sweep
+async def test_a_listener_stuck_past_the_timeout_is_disconnected(data_file):
+    # The command line runs on uvloop (when installed), the in-process tests on asyncio's loop.
+    server = await Server(data_file, "--stall-timeout", "1").start()
+    stuck = await open_raw(server.port, sse_request(), rcvbuf=1024)
+    async with aiohttp.ClientSession() as session:
+        healthy = await session.get(f"{server.url}/counters/2/", headers=SSE)
+        await read_frame(healthy)
+        for _ in range(3000):
+            await session.post(f"{server.url}/counters/2/")
+        assert (await read_until_value(healthy, 3000))[-1] == 3000
+        await asyncio.sleep(2.5)  # past the stall timeout and the next sweep
 
-    loop = asyncio.get_running_loop()
-    received = b""
-    try:
-        async with asyncio.timeout(5):  # the server closed it: reading ends instead of waiting
-            while data := await loop.sock_recv(stuck, 65536):
-                received += data
-    except ConnectionResetError:
-        pass  # aborted: what the server had queued is dropped
-    assert b"data: 3000\n" not in received, "it was dropped, not caught up"
-    stuck.close()
-    await client.post("/counters/2/")
-    assert await read_until_value(healthy, 3001) == [3001]
+        loop = asyncio.get_running_loop()
+        received = b""
+        try:
+            async with asyncio.timeout(5):  # the server closed it: reading ends instead of waiting
+                while data := await loop.sock_recv(stuck, 65536):
+                    received += data
+        except ConnectionResetError:
+            pass  # aborted: what the server had queued is dropped
+        assert b"data: 3000\n" not in received, "it was dropped, not caught up"
+        stuck.close()
+        await session.post(f"{server.url}/counters/2/")
+        assert await read_until_value(healthy, 3001) == [3001]
+    await server.stop()
 
 
 # --- errors ----------------------------------------------------------------------------------------
@@ -433,38 +468,6 @@ async def test_a_missing_data_file_starts_empty_and_is_created(make_client, tmp_
 
 
 # --- the command line, as separate processes -------------------------------------------------------
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class Server:
-    """`python livecounter.py` in a process of its own."""
-
-    def __init__(self, data_file, *args, env=None):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.args = ["--port", str(self.port), "--data", str(data_file), *args]
-        self.env = {**os.environ, **(env or {})}
-
-        self.log = Path(data_file).with_suffix(".log")  # stderr: a pipe nobody reads would fill up
-
-    async def start(self):
-        with open(self.log, "ab") as log:
-            self.process = await asyncio.create_subprocess_exec(
-                sys.executable, str(HERE / "livecounter.py"), *self.args, env=self.env,
-                stdout=asyncio.subprocess.PIPE, stderr=log)
-        line = await asyncio.wait_for(self.process.stdout.readline(), 10)
-        assert f"serving {self.url}/counters/" in line.decode(), line
-        return self
-
-    async def stop(self, sig=signal.SIGTERM, timeout=10):
-        self.process.send_signal(sig)
-        await asyncio.wait_for(self.process.communicate(), timeout)
-        return self.process.returncode
-
 
 async def test_values_survive_a_restart(data_file):
     server = await Server(data_file).start()
