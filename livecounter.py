@@ -27,8 +27,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import hmac
 import json
 import logging
+import math
 import os
 import re
 import resource
@@ -60,8 +62,15 @@ class Settings:
     save_interval: float = 1.0  # seconds between write-behind saves, at most one save per interval
     keepalive_interval: float = 15.0  # seconds of silence before a stream gets a ":" comment
     stall_timeout: float = 30.0  # seconds a listener may refuse data before it is disconnected
+    durable: bool = False  # answer a change only once it is on disk
+    auto_create: bool = False  # a POST to an unknown (valid) id creates the counter
+    max_counters: int = 10_000  # the most counters auto-create makes
+    post_rate: float | None = None  # increments per second per client address; None: unlimited
+    trust_proxy: bool = False  # the client address is the last one in X-Forwarded-For
     cors_origin: str = "*"
     max_listeners: int | None = None  # None: what the open-file limit allows, see default_max_listeners()
+    max_listeners_per_ip: int = 1000
+    admin_token: str | None = None  # PUT and DELETE need it as a Bearer token; None: they are off
 
 
 def default_max_listeners() -> int:
@@ -142,29 +151,59 @@ def write_atomically(path: Path, data: bytes) -> None:
         os.close(directory)
 
 
-class CounterStore:
-    """Counter values in memory, written behind to the data file."""
+class CounterLimitReached(Exception):
+    """Auto-create would pass --max-counters."""
 
-    def __init__(self, path: Path, counters: dict[str, int], save_interval: float) -> None:
+
+class SaveFailed(Exception):
+    """Durable mode: the save that would have made a change durable failed; the message says why."""
+
+
+FIRST_RETRY_DELAY = 0.1  # seconds before the first retry of a failed save; doubles up to the last
+LAST_RETRY_DELAY = 5.0
+
+
+class CounterStore:
+    """Counter values in memory, written to the data file behind the requests, or before their
+    answer in durable mode (group commit: one write acknowledges every change made before it)."""
+
+    def __init__(self, path: Path, counters: dict[str, int], *, save_interval: float, durable: bool,
+                 auto_create: bool, max_counters: int) -> None:
         self.path = path
+        self.durable = durable
         self._values = counters
         self._save_interval = save_interval
+        self._auto_create = auto_create
+        self._max_counters = max_counters
         self._file_exists = path.exists()
         self._unsaved = asyncio.Event()  # set by every change, cleared when a save takes a snapshot
         if not self._file_exists:
             self._unsaved.set()  # the first save creates it
+        self._waiting: list[asyncio.Future[None]] = []  # durable changes the next save acknowledges
         self._one_save_at_a_time = asyncio.Lock()
+        self._retry_delay = FIRST_RETRY_DELAY
         self.save_error: str | None = None  # why the last save failed; None while saves work
 
     def __contains__(self, counter_id: str) -> bool:
         return counter_id in self._values
 
+    def readable(self, counter_id: str) -> bool:
+        """Whether the counter exists, or would (as 0) under auto-create."""
+        return self._auto_create or counter_id in self._values
+
     def value(self, counter_id: str) -> int:
-        """The counter's value; KeyError for an unknown counter."""
+        """The counter's value (0 for a counter auto-create would make); KeyError if unknown."""
+        if self._auto_create:
+            return self._values.get(counter_id, 0)
         return self._values[counter_id]
 
     def increment(self, counter_id: str) -> int:
-        """Add one and return the new value; KeyError if unknown, OverflowError past MAX_VALUE."""
+        """Add one and return the new value. Unknown: KeyError, or created at 0 under auto-create
+        (CounterLimitReached past max_counters). OverflowError past MAX_VALUE."""
+        if counter_id not in self._values and self._auto_create:
+            if len(self._values) >= self._max_counters:
+                raise CounterLimitReached(self._max_counters)
+            self._values[counter_id] = 0
         value = self._values[counter_id] + 1
         if value > MAX_VALUE:
             raise OverflowError(counter_id)
@@ -172,14 +211,39 @@ class CounterStore:
         self._unsaved.set()
         return value
 
+    def set(self, counter_id: str, value: int) -> None:
+        """Set (and create) a counter; the caller checked that value is within ±MAX_VALUE."""
+        self._values[counter_id] = value
+        self._unsaved.set()
+
+    def delete(self, counter_id: str) -> None:
+        """Remove a counter; KeyError if unknown."""
+        del self._values[counter_id]
+        self._unsaved.set()
+
     def snapshot(self) -> dict[str, int]:
         return dict(self._values)
 
+    async def persisted(self) -> None:
+        """Durable mode: return once every change made before this call is on disk.
+
+        Raises SaveFailed with the reason if the save that would have written them fails.
+        """
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiting.append(waiter)
+        self._unsaved.set()
+        await waiter
+
     async def run_saves(self) -> None:
-        """Write-behind: after a change, wait one interval (collecting more changes), then save."""
+        """Save whenever something changed: one interval later (write-behind), at once in durable
+        mode (while one save runs, the changes behind it gather for the next), and with a growing
+        delay while saves fail."""
         while True:
             await self._unsaved.wait()
-            await asyncio.sleep(self._save_interval)
+            if self.save_error is not None:
+                await asyncio.sleep(max(self._retry_delay, 0 if self.durable else self._save_interval))
+            elif not self.durable:
+                await asyncio.sleep(self._save_interval)
             await self.save()
 
     async def close(self) -> None:
@@ -191,26 +255,43 @@ class CounterStore:
         """Write every value now. A failure is logged once per outage and leaves the values unsaved."""
         async with self._one_save_at_a_time:
             self._unsaved.clear()
+            waiting, self._waiting = self._waiting, []
             write = asyncio.ensure_future(asyncio.to_thread(write_counters, self.path, self.snapshot()))
             try:
                 await asyncio.shield(write)
             except asyncio.CancelledError:
                 # The thread can't be stopped: let it finish, so no second save writes the temp file.
                 await asyncio.wait([write])
+                self._waiting[:0] = waiting  # the final save answers them
                 self._unsaved.set()
                 raise
             except OSError as error:
-                self._unsaved.set()
-                if self.save_error is None:
-                    log.error("saving %s failed, will retry: %s", self.path, error)
-                self.save_error = f"saving {self.path} failed: {error.strerror or error}"
-                return
-            if self.save_error is not None:
-                log.info("saving %s works again", self.path)
-                self.save_error = None
-            if not self._file_exists:
-                log.info("created %s", self.path)
-                self._file_exists = True
+                self._save_failed(error, waiting)
+            else:
+                self._save_succeeded(waiting)
+
+    def _save_failed(self, error: OSError, waiting: list[asyncio.Future[None]]) -> None:
+        self._unsaved.set()
+        if self.save_error is None:
+            log.error("saving %s failed, will retry: %s", self.path, error)
+            self._retry_delay = FIRST_RETRY_DELAY
+        else:
+            self._retry_delay = min(2 * self._retry_delay, LAST_RETRY_DELAY)
+        self.save_error = f"saving {self.path} failed: {error.strerror or error}"
+        for waiter in waiting:
+            if not waiter.done():
+                waiter.set_exception(SaveFailed(self.save_error))
+
+    def _save_succeeded(self, waiting: list[asyncio.Future[None]]) -> None:
+        if self.save_error is not None:
+            log.info("saving %s works again", self.path)
+            self.save_error = None
+        if not self._file_exists:
+            log.info("created %s", self.path)
+            self._file_exists = True
+        for waiter in waiting:
+            if not waiter.done():
+                waiter.set_result(None)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -241,12 +322,13 @@ KEEPALIVE_CHUNK = chunk(KEEPALIVE)
 
 
 class Listener:
-    __slots__ = ("transport", "chunked", "channel", "ended", "behind_since")
+    __slots__ = ("transport", "chunked", "channel", "client", "ended", "behind_since")
 
-    def __init__(self, transport: asyncio.Transport, chunked: bool, channel: Channel) -> None:
+    def __init__(self, transport: asyncio.Transport, chunked: bool, channel: Channel, client: str) -> None:
         self.transport = transport
         self.chunked = chunked
         self.channel = channel
+        self.client = client  # its address, for the per-client cap
         self.ended = asyncio.get_running_loop().create_future()  # the handler waits on this
         self.behind_since = 0.0  # monotonic time it started refusing data; 0 while it keeps up
 
@@ -273,25 +355,34 @@ class Channel:
 
 
 class ListenerHub:
-    def __init__(self, keepalive_interval: float, stall_timeout: float, max_listeners: int) -> None:
+    def __init__(self, *, keepalive_interval: float, stall_timeout: float, max_listeners: int,
+                 max_listeners_per_client: int) -> None:
         self._channels: dict[str, Channel] = {}
         self._behind: set[Listener] = set()
+        self._per_client: dict[str, int] = {}  # listeners by client address
         self._keepalive_interval = keepalive_interval
         self._stall_timeout = stall_timeout
         self._max_listeners = max_listeners
+        self._max_listeners_per_client = max_listeners_per_client
         self._closing = False
         self.listener_count = 0
 
     def refusal(self) -> str | None:
-        """Why a new listener can't be taken now, or None."""
+        """Why the server can't take another listener now, or None."""
         if self._closing:
             return "the server is shutting down"
         if self.listener_count >= self._max_listeners:
             return f"too many listeners (limit {self._max_listeners})"
         return None
 
+    def client_refusal(self, client: str) -> str | None:
+        """Why this client can't open another stream, or None."""
+        if self._per_client.get(client, 0) >= self._max_listeners_per_client:
+            return f"too many streams from {client} (limit {self._max_listeners_per_client})"
+        return None
+
     def subscribe(self, counter_id: str, transport: asyncio.Transport, chunked: bool,
-                  value: int) -> tuple[Listener, int]:
+                  value: int, client: str) -> tuple[Listener, int]:
         """Register a listener; returns it and the value its first frame must carry.
 
         The caller writes that frame before it yields to the loop, so no change can fall between.
@@ -299,7 +390,7 @@ class ListenerHub:
         channel = self._channels.get(counter_id)
         if channel is None:
             channel = self._channels[counter_id] = Channel(counter_id, value)
-        listener = Listener(transport, chunked, channel)
+        listener = Listener(transport, chunked, channel, client)
         if self._closing:  # shutdown began while its headers were being sent
             listener.end()
         sock = transport.get_extra_info("socket")
@@ -307,6 +398,7 @@ class ListenerHub:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, LISTENER_SNDBUF)
         channel.listeners.add(listener)
         self.listener_count += 1
+        self._per_client[client] = self._per_client.get(client, 0) + 1
         # A broadcast may be pending: the new listener starts where the others are, and gets it too.
         return listener, channel.sent
 
@@ -316,6 +408,10 @@ class ListenerHub:
         channel.listeners.discard(listener)
         self._behind.discard(listener)
         self.listener_count -= 1
+        if self._per_client[listener.client] == 1:
+            del self._per_client[listener.client]
+        else:
+            self._per_client[listener.client] -= 1
         if not channel.listeners and self._channels.get(channel.counter_id) is channel:
             if channel.pending is not None:
                 channel.pending.cancel()
@@ -396,6 +492,13 @@ class ListenerHub:
             transport.abort()  # close() would wait to flush what the client never reads
             listener.end()
 
+    def drop(self, counter_id: str) -> None:
+        """End the streams of a counter that no longer exists."""
+        channel = self._channels.get(counter_id)
+        if channel is not None:
+            for listener in channel.listeners:
+                listener.end()
+
     def close(self) -> None:
         """End every stream (on shutdown); no new listener is taken after this."""
         self._closing = True
@@ -412,16 +515,59 @@ SETTINGS = web.AppKey("settings", Settings)
 STORE = web.AppKey("store", CounterStore)
 HUB = web.AppKey("hub", ListenerHub)
 
-MAX_BODY_BYTES = 1024  # POST needs no body; this admits the small forms some clients send anyway
+MAX_BODY_BYTES = 1024  # an increment needs no body; this admits the small forms some clients send
 PLAIN_TEXT = "text/plain"
+ALLOWED_METHODS = "GET, HEAD, POST, PUT, DELETE, OPTIONS"
 
 
-def counter_id_of(request: web.Request) -> str:
-    """The counter id in the path, if it is valid and the counter exists."""
+class RateLimiter:
+    """A token bucket per client address: `rate` requests a second, in bursts of up to `burst`."""
+
+    MAX_CLIENTS = 100_000  # past this many buckets, the ones that have refilled are forgotten
+
+    def __init__(self, rate: float, burst: float) -> None:
+        self._rate = rate
+        self._burst = burst
+        self._buckets: dict[str, tuple[float, float]] = {}  # client -> (tokens, when counted)
+        self._last_prune = 0.0
+
+    def retry_after(self, client: str) -> float:
+        """Take a token for client: 0 if it had one, else the seconds until it will."""
+        now = time.monotonic()
+        tokens, counted = self._buckets.get(client, (self._burst, now))
+        tokens = min(self._burst, tokens + (now - counted) * self._rate)
+        if tokens < 1:
+            self._buckets[client] = (tokens, now)
+            return (1 - tokens) / self._rate
+        self._buckets[client] = (tokens - 1, now)
+        if len(self._buckets) > self.MAX_CLIENTS and now - self._last_prune > 1:
+            self._prune(now)
+        return 0.0
+
+    def _prune(self, now: float) -> None:
+        self._last_prune = now
+        self._buckets = {client: (tokens, counted) for client, (tokens, counted) in self._buckets.items()
+                         if tokens + (now - counted) * self._rate < self._burst}
+
+
+POST_RATE = web.AppKey("post_rate", RateLimiter)  # absent without --post-rate
+
+
+def client_address(request: web.Request) -> str:
+    """The client's address: behind a trusted proxy, the one it appended to X-Forwarded-For."""
+    if request.app[SETTINGS].trust_proxy:
+        forwarded = request.headers.get("X-Forwarded-For", "").rsplit(",", 1)[-1].strip()
+        if forwarded:
+            return forwarded
+    return request.remote or "unknown"
+
+
+def counter_id_of(request: web.Request, *, must_exist: bool = True) -> str:
+    """The counter id in the path, if it is valid and (unless told otherwise) the counter is readable."""
     counter_id = request.match_info["counter_id"]
     if not COUNTER_ID.fullmatch(counter_id):
         raise web.HTTPBadRequest(text=f"invalid counter id: {ID_RULE}\n")
-    if counter_id not in request.app[STORE]:
+    if must_exist and not request.app[STORE].readable(counter_id):
         raise web.HTTPNotFound(text=f"unknown counter {counter_id!r}\n")
     return counter_id
 
@@ -442,6 +588,25 @@ def value_response(counter_id: str, value: int, media_type: str = PLAIN_TEXT) ->
     return web.Response(text=f"{value}\n", content_type=PLAIN_TEXT, headers=headers)
 
 
+def retry_later(status: type[web.HTTPException], reason: str, seconds: float) -> web.HTTPException:
+    return status(text=reason + "\n", headers={"Retry-After": str(max(1, math.ceil(seconds)))})
+
+
+async def read_body(request: web.Request) -> bytes:
+    """The request body, refused with 413 past MAX_BODY_BYTES (declared or, if chunked, received)."""
+    too_large = web.HTTPRequestEntityTooLarge(
+        max_size=MAX_BODY_BYTES, actual_size=request.content_length or MAX_BODY_BYTES + 1,
+        text=f"request body too large: an increment needs no body (at most {MAX_BODY_BYTES} bytes)\n")
+    if (request.content_length or 0) > MAX_BODY_BYTES:
+        raise too_large
+    body = b""
+    while received := await request.content.read(MAX_BODY_BYTES + 1):
+        body += received
+        if len(body) > MAX_BODY_BYTES:
+            raise too_large
+    return body
+
+
 async def get_counter(request: web.Request) -> web.StreamResponse:
     counter_id = counter_id_of(request)
     media_type = preferred_format(request)
@@ -458,9 +623,11 @@ SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
 async def stream_counter(request: web.Request, counter_id: str) -> web.StreamResponse:
     """The current value, then every change, until the client leaves or the server stops."""
     hub = request.app[HUB]
-    refusal = hub.refusal()
-    if refusal is not None:
-        raise web.HTTPServiceUnavailable(text=refusal + "\n", headers={"Retry-After": "10"})
+    client = client_address(request)
+    if reason := hub.refusal():
+        raise retry_later(web.HTTPServiceUnavailable, reason, 10)
+    if reason := hub.client_refusal(client):
+        raise retry_later(web.HTTPTooManyRequests, reason, 10)
     response = web.StreamResponse(headers=SSE_HEADERS)
     await response.prepare(request)  # aiohttp chunks it for HTTP/1.1, as chunked= says below
     transport = request.transport
@@ -468,7 +635,7 @@ async def stream_counter(request: web.Request, counter_id: str) -> web.StreamRes
         return response
     listener, first_value = hub.subscribe(
         counter_id, transport, chunked=request.version >= HttpVersion11,
-        value=request.app[STORE].value(counter_id))
+        value=request.app[STORE].value(counter_id), client=client)
     try:
         # Headers and first frame go out in this one write, before anything else runs on the loop.
         await response.write(sse_frame(first_value))
@@ -485,27 +652,87 @@ async def stream_counter(request: web.Request, counter_id: str) -> web.StreamRes
 
 
 async def increment_counter(request: web.Request) -> web.Response:
-    counter_id = counter_id_of(request)
-    await refuse_large_body(request)
+    counter_id = counter_id_of(request, must_exist=False)
+    await read_body(request)
+    limiter = request.app.get(POST_RATE)
+    if limiter is not None and (wait := limiter.retry_after(client_address(request))):
+        raise retry_later(web.HTTPTooManyRequests, "too many increments from this address", wait)
+    store = request.app[STORE]
+    refuse_while_saves_fail(store)
     try:
-        value = request.app[STORE].increment(counter_id)
+        value = store.increment(counter_id)
+    except KeyError:
+        raise web.HTTPNotFound(text=f"unknown counter {counter_id!r}\n") from None
+    except CounterLimitReached as limit:
+        raise web.HTTPForbidden(text=f"counter {counter_id!r} not created: the limit of {limit} "
+                                     f"counters is reached\n") from None
     except OverflowError:
         raise web.HTTPConflict(text=f"counter {counter_id!r} is at its maximum, {MAX_VALUE}\n") from None
-    request.app[HUB].publish(counter_id, value)
+    await commit(request, counter_id)
     return value_response(counter_id, value)
 
 
-async def refuse_large_body(request: web.Request) -> None:
-    too_large = web.HTTPRequestEntityTooLarge(
-        max_size=MAX_BODY_BYTES, actual_size=request.content_length or MAX_BODY_BYTES + 1,
-        text=f"request body too large: an increment needs no body (at most {MAX_BODY_BYTES} bytes)\n")
-    if (request.content_length or 0) > MAX_BODY_BYTES:
-        raise too_large
-    received = 0
-    while chunk_read := await request.content.read(MAX_BODY_BYTES + 1):
-        received += len(chunk_read)
-        if received > MAX_BODY_BYTES:  # a chunked body, without Content-Length
-            raise too_large
+def refuse_while_saves_fail(store: CounterStore) -> None:
+    """Durable mode takes no change it can't write: while saves fail, 503 instead of a lost ack."""
+    if store.durable and store.save_error is not None:
+        raise retry_later(web.HTTPServiceUnavailable, store.save_error, LAST_RETRY_DELAY)
+
+
+async def commit(request: web.Request, counter_id: str) -> None:
+    """A change was made: in durable mode wait until it is on disk, then tell the listeners."""
+    store = request.app[STORE]
+    if store.durable:
+        try:
+            await store.persisted()
+        except SaveFailed as failure:
+            raise retry_later(web.HTTPServiceUnavailable, str(failure), LAST_RETRY_DELAY) from None
+    if counter_id in store:
+        request.app[HUB].publish(counter_id, store.value(counter_id))
+    else:
+        request.app[HUB].drop(counter_id)
+
+
+def require_admin(request: web.Request) -> None:
+    """PUT and DELETE need Authorization: Bearer <the admin token>; with no token set, nobody may."""
+    token = request.app[SETTINGS].admin_token
+    if not token:
+        raise web.HTTPForbidden(text="admin writes are off: set LIVECOUNTER_ADMIN_TOKEN to allow them\n")
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+        raise web.HTTPUnauthorized(text="a valid Authorization: Bearer token is needed\n",
+                                   headers={"WWW-Authenticate": 'Bearer realm="livecounter"'})
+
+
+async def set_counter(request: web.Request) -> web.Response:
+    """PUT {"value": N}: set (and create) a counter."""
+    counter_id = counter_id_of(request, must_exist=False)
+    require_admin(request)
+    body = await read_body(request)
+    try:
+        value = json.loads(body)["value"]
+    except (ValueError, TypeError, KeyError):
+        raise web.HTTPBadRequest(text='the body must be JSON like {"value": 27}\n') from None
+    if type(value) is not int or abs(value) > MAX_VALUE:
+        raise web.HTTPBadRequest(text=f"value must be an integer within ±{MAX_VALUE}\n")
+    store = request.app[STORE]
+    refuse_while_saves_fail(store)
+    store.set(counter_id, value)
+    await commit(request, counter_id)
+    return value_response(counter_id, value)
+
+
+async def delete_counter(request: web.Request) -> web.Response:
+    """DELETE: remove a counter and end its streams."""
+    counter_id = counter_id_of(request, must_exist=False)
+    require_admin(request)
+    store = request.app[STORE]
+    refuse_while_saves_fail(store)
+    try:
+        store.delete(counter_id)
+    except KeyError:
+        raise web.HTTPNotFound(text=f"unknown counter {counter_id!r}\n") from None
+    await commit(request, counter_id)
+    return web.Response(status=204)
 
 
 async def list_counters(request: web.Request) -> web.Response:
@@ -520,11 +747,8 @@ async def health(request: web.Request) -> web.Response:
 
 
 async def preflight(request: web.Request) -> web.Response:
-    """CORS preflight: any origin may GET, HEAD and POST (Access-Control-Allow-Origin says which)."""
-    headers = {
-        "Access-Control-Allow-Methods": "GET, HEAD, POST, OPTIONS",
-        "Access-Control-Max-Age": "86400",
-    }
+    """CORS preflight: any request the API takes may come from the allowed origin."""
+    headers = {"Access-Control-Allow-Methods": ALLOWED_METHODS, "Access-Control-Max-Age": "86400"}
     requested_headers = request.headers.get("Access-Control-Request-Headers")
     if requested_headers:
         headers["Access-Control-Allow-Headers"] = requested_headers
@@ -548,14 +772,22 @@ def create_app(data_path: str | os.PathLike[str] = Settings.data_path, **options
     settings = Settings(data_path=Path(data_path), **options)  # type: ignore[arg-type]
     app = web.Application()
     app[SETTINGS] = settings
-    app[STORE] = CounterStore(settings.data_path, load_counters(settings.data_path), settings.save_interval)
-    app[HUB] = ListenerHub(settings.keepalive_interval, settings.stall_timeout,
-                           settings.max_listeners or default_max_listeners())
+    app[STORE] = CounterStore(
+        settings.data_path, load_counters(settings.data_path), save_interval=settings.save_interval,
+        durable=settings.durable, auto_create=settings.auto_create, max_counters=settings.max_counters)
+    app[HUB] = ListenerHub(
+        keepalive_interval=settings.keepalive_interval, stall_timeout=settings.stall_timeout,
+        max_listeners=settings.max_listeners or default_max_listeners(),
+        max_listeners_per_client=settings.max_listeners_per_ip)
+    if settings.post_rate:
+        app[POST_RATE] = RateLimiter(settings.post_rate, burst=max(1.0, 2 * settings.post_rate))
     for path in ("/counters/{counter_id}/", "/counters/{counter_id}"):
         resource = app.router.add_resource(path)
         resource.add_route("GET", get_counter)
         resource.add_route("HEAD", get_counter)
         resource.add_route("POST", increment_counter)
+        resource.add_route("PUT", set_counter)
+        resource.add_route("DELETE", delete_counter)
         resource.add_route("OPTIONS", preflight)
     for path in ("/counters/", "/counters"):
         app.router.add_get(path, list_counters)
@@ -590,7 +822,7 @@ async def end_streams(app: web.Application) -> None:
 def positive_float(text: str) -> float:
     number = float(text)
     if not number > 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number of seconds: {text!r}")
+        raise argparse.ArgumentTypeError(f"must be a positive number: {text!r}")
     return number
 
 
@@ -604,13 +836,18 @@ def positive_int(text: str) -> int:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="livecounter",
-        description="Counters with live updates over Server-Sent Events. "
-                    "Every option can also be set with the LIVECOUNTER_* variable named beside it.",
+        description="Counters with live updates over Server-Sent Events. Every option can also be "
+                    "set with the LIVECOUNTER_* variable named beside it; LIVECOUNTER_ADMIN_TOKEN "
+                    "(no option: it would show in ps) allows PUT and DELETE.",
     )
 
     def option(flag: str, help: str, default: object, shown_default: object = None, **kwargs: object) -> None:
         variable = "LIVECOUNTER_" + flag.lstrip("-").replace("-", "_").upper()
-        parser.add_argument(flag, default=os.environ.get(variable, default), **kwargs,
+        if kwargs.get("action") == "store_true":
+            default = os.environ.get(variable, "").lower() in ("1", "true", "yes", "on")
+        else:
+            default = os.environ.get(variable, default)
+        parser.add_argument(flag, default=default, **kwargs,
                             help=f"{help} (default: {shown_default or default}; env {variable})")
 
     defaults = Settings()
@@ -619,6 +856,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     option("--data", "the JSON file holding the counters", str(defaults.data_path))
     option("--save-interval", "seconds between write-behind saves", defaults.save_interval,
            type=positive_float)
+    option("--durable", "answer a change only once it is on disk (group commit)", None,
+           shown_default="off", action="store_true")
+    option("--auto-create", "a POST to an unknown id creates the counter", None,
+           shown_default="off", action="store_true")
+    option("--max-counters", "the most counters --auto-create makes", defaults.max_counters,
+           type=positive_int)
+    option("--post-rate", "increments per second per client address, in bursts of twice that; past "
+           "it, 429", defaults.post_rate, shown_default="unlimited", type=positive_float)
+    option("--trust-proxy", "take the client address from X-Forwarded-For (behind nginx or Pushpin)",
+           None, shown_default="off", action="store_true")
     option("--keepalive-interval", "seconds of silence before a stream gets a ':' comment",
            defaults.keepalive_interval, type=positive_float)
     option("--stall-timeout", "seconds a listener may refuse data before it is disconnected",
@@ -626,6 +873,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     option("--cors-origin", "the Access-Control-Allow-Origin of every response", defaults.cors_origin)
     option("--max-listeners", "concurrent event streams; past it, 503", defaults.max_listeners,
            shown_default="what the open-file limit allows", type=positive_int)
+    option("--max-listeners-per-ip", "concurrent event streams per client address; past it, 429",
+           defaults.max_listeners_per_ip, type=positive_int)
     return parser.parse_args(argv)
 
 
@@ -641,9 +890,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     raise_open_file_limit()
     try:
-        app = create_app(args.data, save_interval=args.save_interval,
-                         keepalive_interval=args.keepalive_interval, stall_timeout=args.stall_timeout,
-                         cors_origin=args.cors_origin, max_listeners=args.max_listeners)
+        app = create_app(
+            args.data, save_interval=args.save_interval, durable=args.durable,
+            auto_create=args.auto_create, max_counters=args.max_counters, post_rate=args.post_rate,
+            trust_proxy=args.trust_proxy, keepalive_interval=args.keepalive_interval,
+            stall_timeout=args.stall_timeout, cors_origin=args.cors_origin,
+            max_listeners=args.max_listeners, max_listeners_per_ip=args.max_listeners_per_ip,
+            admin_token=os.environ.get("LIVECOUNTER_ADMIN_TOKEN") or None)
     except DataFileError as error:
         print(f"livecounter: {error}", file=sys.stderr)
         return 2
