@@ -516,6 +516,7 @@ STORE = web.AppKey("store", CounterStore)
 HUB = web.AppKey("hub", ListenerHub)
 
 MAX_BODY_BYTES = 1024  # an increment needs no body; this admits the small forms some clients send
+BODY_TIMEOUT = 10  # seconds for a body of at most MAX_BODY_BYTES to arrive
 PLAIN_TEXT = "text/plain"
 ALLOWED_METHODS = "GET, HEAD, POST, PUT, DELETE, OPTIONS"
 
@@ -593,17 +594,23 @@ def retry_later(status: type[web.HTTPException], reason: str, seconds: float) ->
 
 
 async def read_body(request: web.Request) -> bytes:
-    """The request body, refused with 413 past MAX_BODY_BYTES (declared or, if chunked, received)."""
+    """The request body: 413 past MAX_BODY_BYTES (declared or, if chunked, received), 408 if it
+    doesn't arrive within BODY_TIMEOUT (a client must not hold a handler by sending slowly)."""
     too_large = web.HTTPRequestEntityTooLarge(
         max_size=MAX_BODY_BYTES, actual_size=request.content_length or MAX_BODY_BYTES + 1,
         text=f"request body too large: an increment needs no body (at most {MAX_BODY_BYTES} bytes)\n")
     if (request.content_length or 0) > MAX_BODY_BYTES:
         raise too_large
     body = b""
-    while received := await request.content.read(MAX_BODY_BYTES + 1):
-        body += received
-        if len(body) > MAX_BODY_BYTES:
-            raise too_large
+    try:
+        async with asyncio.timeout(BODY_TIMEOUT):
+            while received := await request.content.read(MAX_BODY_BYTES + 1):
+                body += received
+                if len(body) > MAX_BODY_BYTES:
+                    raise too_large
+    except TimeoutError:
+        raise web.HTTPRequestTimeout(text=f"the request body did not arrive within {BODY_TIMEOUT} s\n",
+                                     headers={"Connection": "close"}) from None
     return body
 
 

@@ -378,6 +378,125 @@ async def test_an_increment_past_the_largest_exact_integer_gets_409(make_client,
     assert await (await client.get("/counters/big/")).text() == f"{2**53 - 1}\n"
 
 
+# --- durable mode, auto-create, admin writes, abuse limits -------------------------------------------
+
+async def test_durable_answers_only_once_the_increment_is_on_disk(make_client, data_file):
+    client = await make_client(durable=True, save_interval=60)
+    listener = await client.get("/counters/3/", headers=SSE)
+    await read_frame(listener)
+    for expected in (1, 2, 3):
+        assert await (await client.post("/counters/3/")).text() == f"{expected}\n"
+        assert json.loads(data_file.read_text())["3"] == expected  # on disk before the answer
+    answers = await asyncio.gather(*(client.post("/counters/3/") for _ in range(200)))
+    assert sorted([int(await answer.text()) for answer in answers]) == list(range(4, 204))
+    assert json.loads(data_file.read_text())["3"] == 203
+    assert (await read_until_value(listener, 203))[-1] == 203
+
+
+async def test_auto_create_makes_counters_up_to_the_limit(make_client, data_file):
+    client = await make_client(auto_create=True, max_counters=11, save_interval=0.1)
+    assert await (await client.get("/counters/new-page/")).text() == "0\n"  # reads as 0, not created
+    listener = await client.get("/counters/new-page/", headers=SSE)
+    assert await read_frame(listener) == frame(0)
+    assert "new-page" not in await (await client.get("/counters/")).json()
+
+    assert await (await client.post("/counters/new-page/")).text() == "1\n"
+    assert await read_frame(listener) == frame(1)
+    assert await (await client.post("/counters/other/")).text() == "1\n"
+    refused = await client.post("/counters/one-too-many/")
+    assert refused.status == 403
+    assert await refused.text() == "counter 'one-too-many' not created: the limit of 11 counters is reached\n"
+    counters = await (await client.get("/counters/")).json()
+    assert len(counters) == 11 and "one-too-many" not in counters
+    assert await (await client.post("/counters/new-page/")).text() == "2\n"  # existing ones still count
+    assert (await client.post("/counters/bad id/")).status == 400
+    await asyncio.sleep(0.5)
+    assert json.loads(data_file.read_text())["new-page"] == 2
+
+
+async def test_without_auto_create_a_post_to_an_unknown_counter_is_404(client):
+    response = await client.post("/counters/new-page/")
+    assert response.status == 404
+    assert "new-page" not in await (await client.get("/counters/")).json()
+
+
+async def test_admin_writes_need_the_token(make_client):
+    closed = await make_client()
+    response = await closed.put("/counters/1/", json={"value": 5}, headers={"Authorization": "Bearer x"})
+    assert response.status == 403
+    assert "LIVECOUNTER_ADMIN_TOKEN" in await response.text()
+
+    client = await make_client(admin_token="s3cret")
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic s3cret"},
+                    {"Authorization": "Bearer"}):
+        for method in ("PUT", "DELETE"):
+            response = await client.request(method, "/counters/1/", json={"value": 5}, headers=headers)
+            assert response.status == 401
+            assert response.headers["WWW-Authenticate"].startswith("Bearer")
+    assert await (await client.get("/counters/1/")).text() == "0\n"
+
+
+async def test_admin_sets_creates_and_deletes_counters(make_client, data_file):
+    client = await make_client(admin_token="s3cret", save_interval=0.1)
+    admin = {"Authorization": "Bearer s3cret"}
+    listener = await client.get("/counters/2/", headers=SSE)
+    assert await read_frame(listener) == frame(0)
+
+    response = await client.put("/counters/2/", json={"value": 1000}, headers=admin)
+    assert response.status == 200 and await response.text() == "1000\n"
+    assert await read_frame(listener) == frame(1000)  # listeners see a set value like any change
+    assert await (await client.put("/counters/fresh/", json={"value": -7}, headers=admin)).text() == "-7\n"
+    assert await (await client.post("/counters/fresh/")).text() == "-6\n"
+
+    for body in (b"", b"{", b"[]", b'{"value": "3"}', b'{"value": 1.5}', b'{"value": true}',
+                 b'{"value": 9007199254740992}', b'{"count": 3}'):
+        response = await client.put("/counters/2/", data=body, headers=admin)
+        assert response.status == 400, body
+    assert await (await client.get("/counters/2/")).text() == "1000\n"
+
+    response = await client.delete("/counters/2/", headers=admin)
+    assert response.status == 204
+    assert await asyncio.wait_for(listener.content.read(), 5) == b""  # its stream ended
+    assert (await client.get("/counters/2/")).status == 404
+    assert (await client.delete("/counters/2/", headers=admin)).status == 404
+    await asyncio.sleep(0.5)
+    saved = json.loads(data_file.read_text())
+    assert "2" not in saved and saved["fresh"] == -6
+
+
+async def test_post_rate_limits_each_client(make_client):
+    client = await make_client(post_rate=2, trust_proxy=True)
+    answers = [await client.post("/counters/1/", headers={"X-Forwarded-For": "203.0.113.5"})
+               for _ in range(5)]
+    assert [answer.status for answer in answers] == [200, 200, 200, 200, 429]  # a burst of 2 x 2
+    assert int(answers[-1].headers["Retry-After"]) >= 1
+    assert await answers[-1].text() == "too many increments from this address\n"
+    other = await client.post("/counters/1/", headers={"X-Forwarded-For": "198.51.100.7, 203.0.113.9"})
+    assert other.status == 200  # another client has its own bucket
+    await asyncio.sleep(0.6)
+    assert (await client.post("/counters/1/", headers={"X-Forwarded-For": "203.0.113.5"})).status == 200
+    assert await (await client.get("/counters/1/")).text() == "6\n"
+
+
+async def test_forwarded_for_is_ignored_unless_the_proxy_is_trusted(make_client):
+    client = await make_client(post_rate=1)
+    statuses = [(await client.post("/counters/1/", headers={"X-Forwarded-For": f"10.0.0.{i}"})).status
+                for i in range(4)]
+    assert statuses.count(429) == 2  # one bucket for the real address, whatever the header says
+
+
+async def test_streams_per_client_are_capped(make_client):
+    client = await make_client(max_listeners_per_ip=2)
+    streams = [await client.get("/counters/1/", headers=SSE) for _ in range(2)]
+    refused = await client.get("/counters/1/", headers=SSE)
+    assert refused.status == 429
+    assert refused.headers["Retry-After"].isdigit()
+    assert "too many streams from 127.0.0.1" in await refused.text()
+    assert (await client.get("/counters/1/")).status == 200  # plain reads are not streams
+    for stream in streams:
+        stream.close()
+
+
 # --- CORS ------------------------------------------------------------------------------------------
 
 async def test_every_response_allows_any_origin_by_default(client):
@@ -405,6 +524,7 @@ async def test_preflight_is_answered(client):
     assert response.status == 204
     assert response.headers["Access-Control-Allow-Origin"] == "*"
     assert "POST" in response.headers["Access-Control-Allow-Methods"]
+    assert "DELETE" in response.headers["Access-Control-Allow-Methods"]
     assert response.headers["Access-Control-Allow-Headers"] == "content-type, x-requested-with"
 
 

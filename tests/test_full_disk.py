@@ -1,0 +1,109 @@
+"""A real full disk: the data file on a 64 KiB tmpfs that a filler file fills up.
+
+Mounting needs root (CI runs as root); elsewhere these tests are skipped, and under CI=true they fail.
+"""
+
+import asyncio
+import json
+import logging
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from livecounter import create_app
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class SmallDisk:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.filler = path / "filler"
+
+    def fill(self) -> None:
+        with open(self.filler, "wb", buffering=0) as filler:
+            try:
+                while True:
+                    filler.write(b"\0" * 4096)
+            except OSError:
+                pass  # full
+
+    def free(self) -> None:
+        self.filler.unlink()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    if os.geteuid() != 0:
+        if os.environ.get("CI") == "true":
+            pytest.fail("mounting a tmpfs needs root; CI runs as root")
+        pytest.skip("mounting a tmpfs needs root")
+    mount_point = tmp_path / "disk"
+    mount_point.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount_point)], check=True)
+    try:
+        shutil.copy(ROOT / "counters.json", mount_point / "counters.json")
+        yield SmallDisk(mount_point)
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], check=True)
+
+
+async def wait_for(condition, timeout=10):
+    async with asyncio.timeout(timeout):
+        while not await condition():
+            await asyncio.sleep(0.05)
+
+
+async def test_durable_refuses_increments_while_the_disk_is_full_then_catches_up(aiohttp_client, small_disk):
+    data_file = small_disk.path / "counters.json"
+    client = await aiohttp_client(create_app(data_file, durable=True))
+    for _ in range(3):
+        assert (await client.post("/counters/1/")).status == 200
+
+    small_disk.fill()
+    refused = await client.post("/counters/1/")
+    assert refused.status == 503
+    assert refused.headers["Retry-After"].isdigit()
+    assert await refused.text() == f"saving {data_file} failed: No space left on device\n"
+    for _ in range(5):  # while saves fail, increments are refused at once
+        assert (await client.post("/counters/2/")).status == 503
+    assert (await client.get("/healthz")).status == 503
+    assert await (await client.get("/counters/2/")).text() == "0\n"  # reads keep working
+    assert json.loads(data_file.read_text())["1"] == 3  # the file was never torn
+
+    small_disk.free()
+
+    async def healthy():
+        return (await client.get("/healthz")).status == 200
+    await wait_for(healthy)
+    assert await (await client.post("/counters/1/")).text() == "5\n"  # 4 was taken, not acknowledged
+    assert json.loads(data_file.read_text())["1"] == 5
+
+
+async def test_default_mode_keeps_every_increment_through_a_full_disk(aiohttp_client, small_disk, caplog):
+    data_file = small_disk.path / "counters.json"
+    client = await aiohttp_client(create_app(data_file, save_interval=0.05))
+    small_disk.fill()
+    for _ in range(10):
+        assert (await client.post("/counters/4/")).status == 200  # acknowledged from memory
+        await asyncio.sleep(0.05)
+
+    async def unhealthy():
+        return (await client.get("/healthz")).status == 503
+    await wait_for(unhealthy)
+    assert "No space left on device" in await (await client.get("/healthz")).text()
+    await asyncio.sleep(1)  # several retries fail meanwhile
+    failures = [r for r in caplog.records if r.levelno == logging.ERROR and "saving" in r.message]
+    assert len(failures) == 1, "logged once per outage"
+    assert json.loads(data_file.read_text())["4"] == 0
+
+    small_disk.free()
+
+    async def healthy():
+        return (await client.get("/healthz")).status == 200
+    await wait_for(healthy)
+    assert json.loads(data_file.read_text())["4"] == 10
+    assert not (small_disk.path / "counters.json.tmp").exists()
