@@ -183,6 +183,12 @@ class CounterStore:
         self._one_save_at_a_time = asyncio.Lock()
         self._retry_delay = FIRST_RETRY_DELAY
         self.save_error: str | None = None  # why the last save failed; None while saves work
+        # For /metrics:
+        self.increments = 0
+        self.saves = 0
+        self.save_failures = 0
+        self.last_save_seconds = 0.0  # how long the last save took, failed or not
+        self.last_saved_at = 0.0  # wall-clock time of the last successful save
 
     def __contains__(self, counter_id: str) -> bool:
         return counter_id in self._values
@@ -209,6 +215,7 @@ class CounterStore:
             raise OverflowError(counter_id)
         self._values[counter_id] = value
         self._unsaved.set()
+        self.increments += 1
         return value
 
     def set(self, counter_id: str, value: int) -> None:
@@ -220,6 +227,9 @@ class CounterStore:
         """Remove a counter; KeyError if unknown."""
         del self._values[counter_id]
         self._unsaved.set()
+
+    def __len__(self) -> int:
+        return len(self._values)
 
     def snapshot(self) -> dict[str, int]:
         return dict(self._values)
@@ -256,6 +266,7 @@ class CounterStore:
         async with self._one_save_at_a_time:
             self._unsaved.clear()
             waiting, self._waiting = self._waiting, []
+            started = time.perf_counter()
             write = asyncio.ensure_future(asyncio.to_thread(write_counters, self.path, self.snapshot()))
             try:
                 await asyncio.shield(write)
@@ -269,6 +280,9 @@ class CounterStore:
                 self._save_failed(error, waiting)
             else:
                 self._save_succeeded(waiting)
+            finally:
+                self.saves += 1
+                self.last_save_seconds = time.perf_counter() - started
 
     def _save_failed(self, error: OSError, waiting: list[asyncio.Future[None]]) -> None:
         self._unsaved.set()
@@ -278,11 +292,13 @@ class CounterStore:
         else:
             self._retry_delay = min(2 * self._retry_delay, LAST_RETRY_DELAY)
         self.save_error = f"saving {self.path} failed: {error.strerror or error}"
+        self.save_failures += 1
         for waiter in waiting:
             if not waiter.done():
                 waiter.set_exception(SaveFailed(self.save_error))
 
     def _save_succeeded(self, waiting: list[asyncio.Future[None]]) -> None:
+        self.last_saved_at = time.time()
         if self.save_error is not None:
             log.info("saving %s works again", self.path)
             self.save_error = None
@@ -304,13 +320,23 @@ class CounterStore:
 # keep-alives, finds vanished clients (aiohttp doesn't tell a handler its client left), catches up
 # listeners that fell behind and disconnects the ones that stay stuck.
 
-KEEPALIVE = b":\n\n"
 BEHIND_BYTES = 16 * 1024  # unsent bytes in user space beyond which a listener skips values
 LISTENER_SNDBUF = 16 * 1024  # kernel send buffer per listener: a frozen client pins this, not ~2 MB
 
+# Every change goes out in four encodings, made once per broadcast: a single-counter stream's
+# "message" event or a multi-counter stream's "counter" event, each bare (HTTP/1.0) or as one
+# chunk (HTTP/1.1). A listener's `style` is its index into that tuple.
+Frames = tuple[bytes, bytes, bytes, bytes]
+MESSAGE_STYLE, COUNTER_STYLE = 0, 2  # + 1 when chunked
 
-def sse_frame(value: int) -> bytes:
+
+def message_event(value: int) -> bytes:
     return b"event: message\ndata: %d\n\n" % value
+
+
+def counter_event(counter_id: str, value: int) -> bytes:
+    # Ids are letters, digits, '.', '_' and '-': nothing in them needs escaping in JSON.
+    return b'event: counter\ndata: {"id": "%s", "value": %d}\n\n' % (counter_id.encode(), value)
 
 
 def chunk(payload: bytes) -> bytes:
@@ -318,22 +344,28 @@ def chunk(payload: bytes) -> bytes:
     return b"%x\r\n%s\r\n" % (len(payload), payload)
 
 
-KEEPALIVE_CHUNK = chunk(KEEPALIVE)
+def frames(counter_id: str, value: int) -> Frames:
+    message, counter = message_event(value), counter_event(counter_id, value)
+    return message, chunk(message), counter, chunk(counter)
+
+
+KEEPALIVE = b":\n\n"
+KEEPALIVE_FRAMES: Frames = (KEEPALIVE, chunk(KEEPALIVE)) * 2
 
 
 class Listener:
-    __slots__ = ("transport", "chunked", "channel", "client", "ended", "behind_since")
+    __slots__ = ("transport", "style", "channels", "client", "ended", "behind_since")
 
-    def __init__(self, transport: asyncio.Transport, chunked: bool, channel: Channel, client: str) -> None:
+    def __init__(self, transport: asyncio.Transport, style: int, channels: list[Channel], client: str) -> None:
         self.transport = transport
-        self.chunked = chunked
-        self.channel = channel
+        self.style = style
+        self.channels = channels  # one for a single-counter stream
         self.client = client  # its address, for the per-client cap
         self.ended = asyncio.get_running_loop().create_future()  # the handler waits on this
         self.behind_since = 0.0  # monotonic time it started refusing data; 0 while it keeps up
 
-    def write(self, payload: bytes, chunked_payload: bytes) -> None:
-        self.transport.write(chunked_payload if self.chunked else payload)
+    def write(self, frames: Frames) -> None:
+        self.transport.write(frames[self.style])
 
     def end(self) -> None:
         if not self.ended.done():
@@ -366,6 +398,8 @@ class ListenerHub:
         self._max_listeners_per_client = max_listeners_per_client
         self._closing = False
         self.listener_count = 0
+        self.broadcasts = 0  # for /metrics
+        self.coalesced = 0  # changes folded into a broadcast already scheduled
 
     def refusal(self) -> str | None:
         """Why the server can't take another listener now, or None."""
@@ -381,41 +415,50 @@ class ListenerHub:
             return f"too many streams from {client} (limit {self._max_listeners_per_client})"
         return None
 
-    def subscribe(self, counter_id: str, transport: asyncio.Transport, chunked: bool,
-                  value: int, client: str) -> tuple[Listener, int]:
-        """Register a listener; returns it and the value its first frame must carry.
-
-        The caller writes that frame before it yields to the loop, so no change can fall between.
-        """
-        channel = self._channels.get(counter_id)
-        if channel is None:
-            channel = self._channels[counter_id] = Channel(counter_id, value)
-        listener = Listener(transport, chunked, channel, client)
+    def subscribe(self, values: dict[str, int], transport: asyncio.Transport, *, chunked: bool,
+                  multi: bool, client: str) -> tuple[Listener, bytes]:
+        """Register a listener of the counters in values (their current values); returns it and
+        the first frames it must be sent, which the caller writes before it yields to the loop, so
+        that no change can fall between."""
+        channels = []
+        for counter_id, value in values.items():
+            channel = self._channels.get(counter_id)
+            if channel is None:
+                channel = self._channels[counter_id] = Channel(counter_id, value)
+            channels.append(channel)
+        style = (COUNTER_STYLE if multi else MESSAGE_STYLE) + chunked
+        listener = Listener(transport, style, channels, client)
         if self._closing:  # shutdown began while its headers were being sent
             listener.end()
         sock = transport.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, LISTENER_SNDBUF)
-        channel.listeners.add(listener)
+        for channel in channels:
+            channel.listeners.add(listener)
         self.listener_count += 1
         self._per_client[client] = self._per_client.get(client, 0) + 1
         # A broadcast may be pending: the new listener starts where the others are, and gets it too.
-        return listener, channel.sent
+        return listener, self._latest(listener, bare=True)
+
+    def _latest(self, listener: Listener, bare: bool = False) -> bytes:
+        """What its channels have sent, as its style of frames (unchunked for aiohttp to chunk)."""
+        style = listener.style & ~1 if bare else listener.style
+        return b"".join(frames(channel.counter_id, channel.sent)[style] for channel in listener.channels)
 
     def unsubscribe(self, listener: Listener) -> None:
         listener.end()
-        channel = listener.channel
-        channel.listeners.discard(listener)
         self._behind.discard(listener)
         self.listener_count -= 1
         if self._per_client[listener.client] == 1:
             del self._per_client[listener.client]
         else:
             self._per_client[listener.client] -= 1
-        if not channel.listeners and self._channels.get(channel.counter_id) is channel:
-            if channel.pending is not None:
-                channel.pending.cancel()
-            del self._channels[channel.counter_id]
+        for channel in listener.channels:
+            channel.listeners.discard(listener)
+            if not channel.listeners and self._channels.get(channel.counter_id) is channel:
+                if channel.pending is not None:
+                    channel.pending.cancel()
+                del self._channels[channel.counter_id]
 
     def publish(self, counter_id: str, value: int) -> None:
         """A counter changed: broadcast soon, coalescing with changes that come before it goes."""
@@ -426,22 +469,24 @@ class ListenerHub:
         if channel.pending is None:
             # Marked here, not when the broadcast starts: a burst of POSTs schedules it once.
             channel.pending = asyncio.get_running_loop().call_soon(self._broadcast, channel)
+        else:
+            self.coalesced += 1
 
     def _broadcast(self, channel: Channel) -> None:
         channel.pending = None
         if channel.value == channel.sent:
             return
         started = time.perf_counter()
-        payload = sse_frame(channel.value)
-        self._write_all(channel, payload, chunk(payload))
-        channel.sent = channel.value
+        channel.sent = channel.value  # first: a listener caught up during the write gets this value
+        self._write_all(channel, frames(channel.counter_id, channel.value))
+        self.broadcasts += 1
         # Rest three times as long as the broadcast took (<= 25% of the loop for one hot counter),
         # so increments keep flowing; the next broadcast carries whatever is latest by then.
         # Measured: 0.7-0.87x of the POST rate kept with 5,000 listeners, vs ~0.001x broadcasting all.
         elapsed = time.perf_counter() - started
         channel.pending = asyncio.get_running_loop().call_later(3 * elapsed, self._broadcast, channel)
 
-    def _write_all(self, channel: Channel, payload: bytes, chunked_payload: bytes) -> None:
+    def _write_all(self, channel: Channel, frames: Frames) -> None:
         """Write to every listener that keeps up; mark the ones that don't, end the vanished ones."""
         now = time.monotonic()
         channel.last_write = now
@@ -453,11 +498,10 @@ class ListenerHub:
                 if not listener.behind_since:
                     listener.behind_since = now
                     self._behind.add(listener)
+            elif listener.behind_since:  # it drained: catch it up on all its counters
+                self._catch_up(listener, now)
             else:
-                listener.write(payload, chunked_payload)
-                if listener.behind_since:  # it drained, and this is the latest value
-                    listener.behind_since = 0.0
-                    self._behind.discard(listener)
+                listener.write(frames)
 
     async def run_sweeps(self) -> None:
         interval = min(0.5, self._keepalive_interval / 2)
@@ -472,7 +516,7 @@ class ListenerHub:
             self._catch_up(listener, now)
         for channel in self._channels.values():
             if now - channel.last_write >= self._keepalive_interval:
-                self._write_all(channel, KEEPALIVE, KEEPALIVE_CHUNK)
+                self._write_all(channel, KEEPALIVE_FRAMES)  # the still-behind are skipped
             else:
                 for listener in channel.listeners:
                     if listener.transport.is_closing():
@@ -483,8 +527,7 @@ class ListenerHub:
         if transport.is_closing():
             listener.end()
         elif transport.get_write_buffer_size() <= BEHIND_BYTES:
-            payload = sse_frame(listener.channel.sent)
-            listener.write(payload, chunk(payload))
+            transport.write(self._latest(listener))
             listener.behind_since = 0.0
             self._behind.discard(listener)
         elif now - listener.behind_since > self._stall_timeout:
@@ -619,16 +662,16 @@ async def get_counter(request: web.Request) -> web.StreamResponse:
     media_type = preferred_format(request)
     if media_type != "text/event-stream":
         return value_response(counter_id, request.app[STORE].value(counter_id), media_type)
-    if request.method == "HEAD":
-        return web.Response(headers=SSE_HEADERS)
-    return await stream_counter(request, counter_id)
+    return await stream(request, [counter_id], multi=False)
 
 
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-async def stream_counter(request: web.Request, counter_id: str) -> web.StreamResponse:
-    """The current value, then every change, until the client leaves or the server stops."""
+async def stream(request: web.Request, counter_ids: list[str], *, multi: bool) -> web.StreamResponse:
+    """The counters' current values, then every change, until the client leaves or the server stops."""
+    if request.method == "HEAD":
+        return web.Response(headers=SSE_HEADERS)
     hub = request.app[HUB]
     client = client_address(request)
     if reason := hub.refusal():
@@ -640,12 +683,13 @@ async def stream_counter(request: web.Request, counter_id: str) -> web.StreamRes
     transport = request.transport
     if transport is None or transport.is_closing():
         return response
-    listener, first_value = hub.subscribe(
-        counter_id, transport, chunked=request.version >= HttpVersion11,
-        value=request.app[STORE].value(counter_id), client=client)
+    store = request.app[STORE]
+    listener, first_frames = hub.subscribe(
+        {counter_id: store.value(counter_id) for counter_id in counter_ids}, transport,
+        chunked=request.version >= HttpVersion11, multi=multi, client=client)
     try:
-        # Headers and first frame go out in this one write, before anything else runs on the loop.
-        await response.write(sse_frame(first_value))
+        # Headers and first frames go out in this one write, before anything else runs on the loop.
+        await response.write(first_frames)
         await listener.ended
     except ConnectionError:
         pass  # the client left during the first write
@@ -742,8 +786,25 @@ async def delete_counter(request: web.Request) -> web.Response:
     return web.Response(status=204)
 
 
-async def list_counters(request: web.Request) -> web.Response:
-    return web.json_response(request.app[STORE].snapshot(), headers={"Cache-Control": "no-cache"})
+MAX_STREAM_IDS = 100
+
+
+async def list_counters(request: web.Request) -> web.StreamResponse:
+    """Every counter as JSON; with Accept: text/event-stream, a stream of the counters in ?ids=."""
+    if preferred_format(request) != "text/event-stream":
+        return web.json_response(request.app[STORE].snapshot(), headers={"Cache-Control": "no-cache"})
+    counter_ids = list(dict.fromkeys(request.query.get("ids", "").split(",")))  # once each, in order
+    if counter_ids == [""]:
+        raise web.HTTPBadRequest(text="name the counters to stream: ?ids=1,2,3\n")
+    if len(counter_ids) > MAX_STREAM_IDS:
+        raise web.HTTPBadRequest(text=f"too many ids: one stream takes at most {MAX_STREAM_IDS}\n")
+    store = request.app[STORE]
+    for counter_id in counter_ids:
+        if not COUNTER_ID.fullmatch(counter_id):
+            raise web.HTTPBadRequest(text=f"invalid counter id {counter_id!r}: {ID_RULE}\n")
+        if not store.readable(counter_id):
+            raise web.HTTPNotFound(text=f"unknown counter {counter_id!r}\n")
+    return await stream(request, counter_ids, multi=True)
 
 
 async def health(request: web.Request) -> web.Response:
@@ -751,6 +812,28 @@ async def health(request: web.Request) -> web.Response:
     if save_error is not None:
         return web.Response(status=503, text=save_error + "\n")
     return web.Response(text="ok\n")
+
+
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus text exposition of what an operator watches."""
+    store, hub = request.app[STORE], request.app[HUB]
+    samples = [
+        ("listeners", "gauge", "Event streams open now.", hub.listener_count),
+        ("counters", "gauge", "Counters that exist.", len(store)),
+        ("increments_total", "counter", "Increments acknowledged or pending.", store.increments),
+        ("broadcasts_total", "counter", "Changes written to a counter's listeners.", hub.broadcasts),
+        ("coalesced_updates_total", "counter",
+         "Changes folded into a broadcast that was already scheduled.", hub.coalesced),
+        ("saves_total", "counter", "Saves of the data file attempted.", store.saves),
+        ("save_errors_total", "counter", "Saves of the data file that failed.", store.save_failures),
+        ("last_save_duration_seconds", "gauge", "How long the last save took.", store.last_save_seconds),
+        ("last_save_success_timestamp_seconds", "gauge", "Unix time of the last successful save.",
+         store.last_saved_at),
+        ("saves_failing", "gauge", "1 while saves fail (see /healthz), else 0.", int(store.save_error is not None)),
+    ]
+    text = "".join(f"# HELP livecounter_{name} {help}\n# TYPE livecounter_{name} {kind}\n"
+                   f"livecounter_{name} {value}\n" for name, kind, help, value in samples)
+    return web.Response(text=text, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
 
 async def preflight(request: web.Request) -> web.Response:
@@ -765,6 +848,162 @@ async def preflight(request: web.Request) -> web.Response:
 async def add_cors_origin(request: web.Request, response: web.StreamResponse) -> None:
     """Every response of this app, errors and streams included, carries the allowed origin."""
     response.headers.setdefault("Access-Control-Allow-Origin", request.app[SETTINGS].cors_origin)
+
+
+# --- Pages: the demo page and the embeddable script ------------------------------------------------
+# Inline, with no build step, CDN or external script, so they work offline and from a sub-app's
+# prefix (every URL in them is relative to where they are served).
+
+DEMO_PAGE = """<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>livecounter</title>
+<style>
+  :root { --ink: #1d2433; --muted: #667085; --line: #e4e7ec; --accent: #2f6fed; --flash: #fff3c4; }
+  * { box-sizing: border-box; }
+  body { margin: 0; font: 16px/1.5 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif;
+         color: var(--ink); background: #f7f8fa; }
+  main { max-width: 960px; margin: 0 auto; padding: 40px 20px; }
+  h1 { margin: 0; font-size: 28px; letter-spacing: -0.02em; }
+  .lead { margin: 4px 0 28px; color: var(--muted); }
+  .status { display: inline-block; margin-left: 8px; padding: 1px 8px; border-radius: 999px;
+            font-size: 13px; background: var(--line); color: var(--muted); vertical-align: middle; }
+  .status.live { background: #dcfae6; color: #067647; }
+  #counters { display: grid; grid-template-columns: repeat(auto-fill, minmax(170px, 1fr)); gap: 16px; }
+  .counter { background: #fff; border: 1px solid var(--line); border-radius: 12px; padding: 16px;
+             display: flex; flex-direction: column; gap: 6px; transition: background-color 0.6s; }
+  .counter.changed { background: var(--flash); transition: none; }
+  .id { color: var(--muted); font-size: 13px; overflow-wrap: anywhere; }
+  .value { font-size: 34px; font-weight: 650; font-variant-numeric: tabular-nums; letter-spacing: -0.02em; }
+  button { align-self: flex-start; border: 1px solid var(--accent); color: var(--accent); background: #fff;
+           border-radius: 8px; padding: 4px 14px; font: inherit; font-weight: 600; cursor: pointer; }
+  button:hover { background: var(--accent); color: #fff; }
+  .empty { color: var(--muted); }
+  footer { margin-top: 32px; color: var(--muted); font-size: 14px; }
+  code { background: var(--line); padding: 1px 5px; border-radius: 4px; font-size: 13px; }
+</style>
+</head>
+<body>
+<main>
+  <h1>livecounter <span id="status" class="status">connecting</span></h1>
+  <p class="lead">Every counter, live. This page counted its own view on counter <code>1</code>.</p>
+  <div id="counters"></div>
+  <footer><code>POST counters/{id}/</code> increments; <code>GET counters/{id}/</code> with
+    <code>Accept: text/event-stream</code> watches. Add a live number to any page with
+    <code>embed.js</code>.</footer>
+</main>
+<script>
+"use strict";
+const grid = document.getElementById("counters");
+const status = document.getElementById("status");
+const cards = new Map();
+let counted = false;
+
+function card(id, value) {
+  const element = document.createElement("div");
+  element.className = "counter";
+  element.dataset.id = id;
+  const label = document.createElement("div");
+  label.className = "id";
+  label.textContent = "counter " + id;
+  const number = document.createElement("div");
+  number.className = "value";
+  number.textContent = value;
+  const button = document.createElement("button");
+  button.textContent = "+1";
+  button.addEventListener("click", () => fetch("counters/" + encodeURIComponent(id) + "/", {method: "POST"}));
+  element.append(label, number, button);
+  grid.append(element);
+  cards.set(id, {element, number});
+}
+
+function show(id, value) {
+  const shown = cards.get(id);
+  if (!shown || shown.number.textContent === String(value)) return;
+  shown.number.textContent = value;
+  shown.element.classList.remove("changed");
+  void shown.element.offsetWidth;  // restart the highlight
+  shown.element.classList.add("changed");
+  setTimeout(() => shown.element.classList.remove("changed"), 50);
+}
+
+fetch("counters/", {headers: {Accept: "application/json"}})
+  .then((response) => response.json())
+  .then((counters) => {
+    const ids = Object.keys(counters).slice(0, 100);
+    if (!ids.length) {
+      grid.innerHTML = '<p class="empty">No counters yet.</p>';
+      status.textContent = "idle";
+      return;
+    }
+    ids.forEach((id) => card(id, counters[id]));
+    const source = new EventSource("counters/?ids=" + ids.map(encodeURIComponent).join(","));
+    source.onopen = () => { status.textContent = "live"; status.className = "status live"; };
+    source.onerror = () => { status.textContent = "reconnecting"; status.className = "status"; };
+    source.addEventListener("counter", (event) => {
+      const {id, value} = JSON.parse(event.data);
+      show(id, value);
+      if (id === "1" && !counted) {  // the page-view snippet: first value, then one POST
+        counted = true;
+        fetch("counters/1/", {method: "POST"});
+      }
+    });
+  });
+</script>
+</body>
+</html>
+"""
+
+EMBED_SCRIPT = """/* livecounter embed: <span data-livecounter="2"></span> becomes counter 2's live value;
+   data-livecounter-count on it also counts this page view once. One stream for all counters. */
+(function () {
+  "use strict";
+  var base = new URL("counters/", document.currentScript.src).href;
+  var VALID = /^[A-Za-z0-9._-]{1,64}$/;
+
+  function start() {
+    var elements = document.querySelectorAll("[data-livecounter]");
+    var ids = [], toCount = {}, counted = {};
+    elements.forEach(function (element) {
+      var id = element.getAttribute("data-livecounter");
+      if (!VALID.test(id)) return;
+      if (ids.indexOf(id) < 0) ids.push(id);
+      if (element.hasAttribute("data-livecounter-count")) toCount[id] = true;
+    });
+    for (var i = 0; i < ids.length; i += 100) {  // a stream takes at most 100 counters
+      var source = new EventSource(base + "?ids=" + ids.slice(i, i + 100).join(","));
+      source.addEventListener("counter", function (event) {
+        var counter = JSON.parse(event.data);
+        elements.forEach(function (element) {
+          if (element.getAttribute("data-livecounter") === counter.id) element.textContent = counter.value;
+        });
+        if (toCount[counter.id] && !counted[counter.id]) {  // after the first value, as the snippet does
+          counted[counter.id] = true;
+          fetch(base + counter.id + "/", {method: "POST"});
+        }
+      });
+    }
+  }
+
+  if (document.readyState === "loading") document.addEventListener("DOMContentLoaded", start);
+  else start();
+})();
+"""
+
+
+async def home(request: web.Request) -> web.Response:
+    """The demo page for browsers; a pointer to the API for everyone else."""
+    if "text/html" in request.headers.get("Accept", ""):
+        return web.Response(text=DEMO_PAGE, content_type="text/html", headers={"Cache-Control": "no-cache"})
+    return web.Response(text="livecounter: the counters are at counters/ (GET, POST, or GET with "
+                             "Accept: text/event-stream to watch)\n")
+
+
+async def embed_script(request: web.Request) -> web.Response:
+    return web.Response(text=EMBED_SCRIPT, content_type="text/javascript",
+                        headers={"Cache-Control": "public, max-age=3600"})
 
 
 # --------------------------------------------------------------------------------------------------
@@ -797,9 +1036,12 @@ def create_app(data_path: str | os.PathLike[str] = Settings.data_path, **options
         resource.add_route("DELETE", delete_counter)
         resource.add_route("OPTIONS", preflight)
     for path in ("/counters/", "/counters"):
-        app.router.add_get(path, list_counters)
+        app.router.add_get(path, list_counters)  # HEAD too
         app.router.add_route("OPTIONS", path, preflight)
     app.router.add_get("/healthz", health)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/", home)
+    app.router.add_get("/embed.js", embed_script)
     app.on_response_prepare.append(add_cors_origin)
     app.cleanup_ctx.append(run_background_work)
     app.on_shutdown.append(end_streams)
@@ -880,6 +1122,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     option("--cors-origin", "the Access-Control-Allow-Origin of every response", defaults.cors_origin)
     option("--max-listeners", "concurrent event streams; past it, 503", defaults.max_listeners,
            shown_default="what the open-file limit allows", type=positive_int)
+    option("--no-access-log", "don't log every request (the access log is in the combined format)",
+           None, shown_default="logged", action="store_true")
     option("--max-listeners-per-ip", "concurrent event streams per client address; past it, 429",
            defaults.max_listeners_per_ip, type=positive_int)
     return parser.parse_args(argv)
@@ -908,10 +1152,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"livecounter: {error}", file=sys.stderr)
         return 2
     host = f"[{args.host}]" if ":" in args.host else args.host
-    url = f"http://{host}:{args.port}/counters/"
+    url = f"http://{host}:{args.port}/"
     loop = uvloop.new_event_loop() if uvloop is not None else asyncio.new_event_loop()
     try:
         web.run_app(app, host=args.host, port=args.port, loop=loop, shutdown_timeout=5,
+                    access_log=None if args.no_access_log else logging.getLogger("aiohttp.access"),
                     print=lambda _: print(f"livecounter serving {url} (Ctrl+C to stop)", flush=True))
     except OSError as error:  # the port is taken, or the address is not this machine's
         print(f"livecounter: cannot listen on {args.host}:{args.port}: {error.strerror or error}",

@@ -111,7 +111,7 @@ class Server:
                 sys.executable, str(HERE / "livecounter.py"), *self.args, env=self.env,
                 stdout=asyncio.subprocess.PIPE, stderr=log)
         line = await asyncio.wait_for(self.process.stdout.readline(), 10)
-        assert f"serving {self.url}/counters/" in line.decode(), line
+        assert f"serving {self.url}/ " in line.decode(), line
         return self
 
     async def stop(self, sig=signal.SIGTERM, timeout=10):
