@@ -860,6 +860,7 @@ DEMO_PAGE = """<!doctype html>
 <meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>livecounter</title>
+<link rel="icon" href="data:,">
 <style>
   :root { --ink: #1d2433; --muted: #667085; --line: #e4e7ec; --accent: #2f6fed; --flash: #fff3c4; }
   * { box-sizing: border-box; }

@@ -269,6 +269,42 @@ async def test_listeners_past_the_limit_get_503_with_retry_after(make_client):
     second.close()
 
 
+async def test_a_multi_counter_stream_sends_each_counter_then_every_change(client):
+    await client.post("/counters/3/")
+    stream = await client.get("/counters/?ids=2,3,2", headers=SSE)
+    assert stream.status == 200
+    assert stream.headers["Content-Type"] == "text/event-stream"
+    assert await read_frame(stream) == b'event: counter\ndata: {"id": "2", "value": 0}\n\n'
+    assert await read_frame(stream) == b'event: counter\ndata: {"id": "3", "value": 1}\n\n'
+    await client.post("/counters/3/")
+    await client.post("/counters/4/")  # not watched
+    await client.post("/counters/2/")
+    assert json.loads((await read_frame(stream)).split(b"data: ")[1]) == {"id": "3", "value": 2}
+    assert json.loads((await read_frame(stream)).split(b"data: ")[1]) == {"id": "2", "value": 1}
+    raw = await open_raw(client, sse_request("/counters/?ids=9"))
+    payload = b'event: counter\ndata: {"id": "9", "value": 0}\n\n'
+    assert (await recv_until(raw, b"\n\n\r\n")).endswith(b"2e\r\n" + payload + b"\r\n")
+    raw.close()
+
+
+async def test_a_multi_counter_stream_refuses_bad_id_lists(make_client):
+    client = await make_client()
+    for query, status, reason in (
+        ("?ids=1,nope", 404, "unknown counter 'nope'\n"),
+        ("?ids=1,a b", 400, "invalid counter id 'a b'"),
+        ("?ids=1,,2", 400, "invalid counter id ''"),
+        ("", 400, "name the counters to stream: ?ids=1,2,3\n"),
+        ("?ids=" + ",".join(f"c{i}" for i in range(101)), 400, "too many ids: one stream takes at most 100\n"),
+    ):
+        response = await client.get("/counters/" + query, headers=SSE)
+        assert response.status == status, query
+        assert reason in await response.text()
+    client = await make_client(auto_create=True)
+    stream = await client.get("/counters/?ids=" + ",".join(f"c{i}" for i in range(100)), headers=SSE)
+    assert stream.status == 200  # unknown ids are fine under auto-create, and 100 is allowed
+    assert await read_frame(stream) == b'event: counter\ndata: {"id": "c0", "value": 0}\n\n'
+
+
 # --- listeners that stop reading -------------------------------------------------------------------
 
 async def test_a_frozen_listener_skips_values_and_catches_up_with_the_latest(client):
@@ -534,6 +570,53 @@ async def test_cors_origin_restricts(make_client):
     assert response.headers["Access-Control-Allow-Origin"] == "https://mine.example"
 
 
+# --- pages and operator endpoints -------------------------------------------------------------------
+
+async def test_browsers_get_the_demo_page_and_others_a_pointer(client):
+    page = await client.get("/", headers={"Accept": "text/html,application/xhtml+xml,*/*;q=0.8"})
+    assert page.content_type == "text/html"
+    html = await page.text()
+    assert "<title>livecounter</title>" in html and "EventSource" in html
+    assert "http" not in html.replace("http-equiv", ""), "no external resource: it works offline"
+    text = await client.get("/")
+    assert text.content_type == "text/plain"
+    assert "counters/" in await text.text()
+
+
+async def test_embed_js_is_served_to_any_origin(client):
+    response = await client.get("/embed.js", headers={"Origin": "https://blog.example"})
+    assert response.content_type == "text/javascript"
+    assert response.headers["Access-Control-Allow-Origin"] == "*"
+    assert "data-livecounter" in await response.text()
+
+
+async def test_metrics_in_prometheus_text_format(make_client):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    client = await make_client(save_interval=0.05)
+    listener = await client.get("/counters/1/", headers=SSE)
+    await read_frame(listener)
+    for _ in range(3):
+        await client.post("/counters/1/")
+    await read_until_value(listener, 3)
+    await asyncio.sleep(0.3)
+    response = await client.get("/metrics")
+    assert response.headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
+    samples = {sample.name: sample.value
+               for family in text_string_to_metric_families(await response.text())
+               for sample in family.samples}
+    assert samples["livecounter_listeners"] == 1
+    assert samples["livecounter_counters"] == 9
+    assert samples["livecounter_increments_total"] == 3
+    assert 1 <= samples["livecounter_broadcasts_total"] <= 3
+    assert samples["livecounter_broadcasts_total"] + samples["livecounter_coalesced_updates_total"] >= 3
+    assert samples["livecounter_saves_total"] >= 1
+    assert samples["livecounter_save_errors_total"] == 0
+    assert samples["livecounter_last_save_duration_seconds"] > 0
+    assert samples["livecounter_last_save_success_timestamp_seconds"] > 1.7e9
+    assert samples["livecounter_saves_failing"] == 0
+
+
 # --- embedding -------------------------------------------------------------------------------------
 
 async def test_it_mounts_as_a_sub_app(aiohttp_client, data_file):
@@ -690,13 +773,26 @@ async def test_options_come_from_environment_variables(data_file):
     await server.stop()
 
 
+async def test_the_access_log_is_on_unless_turned_off(data_file):
+    for args, logged in (((), True), (("--no-access-log",), False)):
+        server = await Server(data_file, *args).start()
+        async with aiohttp.ClientSession() as session:
+            await session.post(f"{server.url}/counters/5/", headers={"User-Agent": "probe/1"})
+        await server.stop()
+        log = server.log.read_text()
+        server.log.unlink()
+        assert ('"POST /counters/5/ HTTP/1.1" 200' in log and '"probe/1"' in log) == logged, log
+
+
 async def test_help_documents_every_option():
     process = await asyncio.create_subprocess_exec(
         sys.executable, str(HERE / "livecounter.py"), "--help", stdout=asyncio.subprocess.PIPE)
     stdout, _ = await process.communicate()
     text = " ".join(stdout.decode().split())
-    for option in ("--host", "--port", "--data", "--save-interval", "--keepalive-interval",
-                   "--stall-timeout", "--cors-origin", "--max-listeners"):
+    for option in ("--host", "--port", "--data", "--save-interval", "--durable", "--auto-create",
+                   "--max-counters", "--post-rate", "--trust-proxy", "--keepalive-interval",
+                   "--stall-timeout", "--cors-origin", "--max-listeners", "--no-access-log",
+                   "--max-listeners-per-ip"):
         assert option in text
         assert "LIVECOUNTER_" + option[2:].replace("-", "_").upper() in text
 

@@ -1,7 +1,8 @@
-"""The README's page-view snippet, as is, in headless Chromium on a page from another origin.
+"""What a browser shows: the README's page-view snippet, the demo page and embed.js, in headless
+Chromium, with the embedding pages served from another origin.
 
-Needs Debian's chromium (`apt-get install chromium`; `.ci/run` installs it). Without it the test is
-skipped on a developer's machine and fails under CI=true.
+Needs Debian's chromium (`apt-get install chromium`; `.ci/run` installs it). Without it the tests are
+skipped on a developer's machine and fail under CI=true.
 """
 
 import os
@@ -13,6 +14,7 @@ import aiohttp
 import pytest
 import xstatic.pkg.jquery
 from aiohttp import web
+from PIL import Image
 from playwright.async_api import async_playwright
 
 from livecounter import create_app
@@ -22,12 +24,6 @@ CHROMIUM = "/usr/bin/chromium"
 # Quiet on a closed network: no sync, no component updates, no background requests.
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-sync",
                  "--disable-background-networking", "--disable-component-update"]
-
-
-def readme_snippet() -> str:
-    readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index("### The page-view snippet"):]
-    return re.search(r"```html\n(.*?)```", section, re.S).group(1)
 
 
 @pytest.fixture
@@ -49,46 +45,106 @@ async def counter_server(aiohttp_server, tmp_path):
 
 
 @pytest.fixture
-async def blog_server(aiohttp_server, counter_server):
-    """Another origin (localhost, another port) serving the README snippet on a page."""
-    counter_url = f"http://127.0.0.1:{counter_server.port}/counters/1/"
-    snippet = (readme_snippet()
-               .replace("https://code.jquery.com/jquery-3.7.1.min.js", "/jquery.min.js")
-               .replace("https://counter.example.com/counters/1/", counter_url))
-    page = f"<!doctype html><html><head><title>blog</title></head><body>{snippet}</body></html>"
-
-    async def serve_page(request):
-        return web.Response(text=page, content_type="text/html")
-
-    async def no_icon(request):
-        return web.Response(status=204)
-
-    app = web.Application()
-    app.router.add_get("/", serve_page)
-    app.router.add_get("/favicon.ico", no_icon)
-    app.router.add_static("/", xstatic.pkg.jquery.BASE_DIR)
-    return await aiohttp_server(app, host="localhost")
+def counter_url(counter_server):
+    return f"http://127.0.0.1:{counter_server.port}/"
 
 
-async def open_blog(browser, blog_server, errors):
+@pytest.fixture
+def other_origin(aiohttp_server):
+    """Serves one HTML page (and jQuery) from http://localhost:PORT/, another origin than the server's."""
+    async def serve(html: str) -> str:
+        async def page(request):
+            return web.Response(text=html, content_type="text/html")
+
+        async def no_icon(request):
+            return web.Response(status=204)
+
+        app = web.Application()
+        app.router.add_get("/", page)
+        app.router.add_get("/favicon.ico", no_icon)
+        app.router.add_static("/", xstatic.pkg.jquery.BASE_DIR)
+        server = await aiohttp_server(app, host="localhost")
+        return f"http://localhost:{server.port}/"
+    return serve
+
+
+async def open_page(browser, url, errors):
     page = await browser.new_page()
     page.on("console", lambda message: message.type == "error" and errors.append(message.text))
     page.on("pageerror", lambda error: errors.append(str(error)))
-    await page.goto(f"http://localhost:{blog_server.port}/")
+    await page.goto(url)
     return page
 
 
-async def test_the_page_view_snippet_counts_and_updates_live_across_origins(browser, blog_server,
-                                                                            counter_server):
-    errors = []
-    first = await open_blog(browser, blog_server, errors)
-    await first.wait_for_function("document.getElementById('views').textContent === '1'", timeout=10_000)
+async def shows(page, selector, text, timeout=10_000):
+    await page.wait_for_function(
+        "([selector, text]) => [...document.querySelectorAll(selector)].length > 0 && "
+        "[...document.querySelectorAll(selector)].every((e) => e.textContent.trim() === text)",
+        arg=[selector, text], timeout=timeout)
 
-    second = await open_blog(browser, blog_server, errors)  # another reader: both now show 2
-    await second.wait_for_function("document.getElementById('views').textContent === '2'", timeout=10_000)
-    await first.wait_for_function("document.getElementById('views').textContent === '2'", timeout=10_000)
 
+async def value_of(counter_url, counter_id):
     async with aiohttp.ClientSession() as session:
-        response = await session.get(f"http://127.0.0.1:{counter_server.port}/counters/1/")
-        assert await response.text() == "2\n"  # each page counted itself once
+        return int(await (await session.get(f"{counter_url}counters/{counter_id}/")).text())
+
+
+def readme_snippet() -> str:
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("### The page-view snippet"):]
+    return re.search(r"```html\n(.*?)```", section, re.S).group(1)
+
+
+async def test_the_readme_snippet_counts_and_updates_live_across_origins(browser, counter_url, other_origin):
+    snippet = (readme_snippet()
+               .replace("https://code.jquery.com/jquery-3.7.1.min.js", "/jquery.min.js")
+               .replace("https://counter.example.com/", counter_url))
+    blog = await other_origin(f"<!doctype html><title>blog</title><body>{snippet}</body>")
+    errors = []
+    first = await open_page(browser, blog, errors)
+    await shows(first, "#views", "1")
+    second = await open_page(browser, blog, errors)  # another reader: both now show 2
+    await shows(second, "#views", "2")
+    await shows(first, "#views", "2")
+    assert await value_of(counter_url, 1) == 2  # each page counted itself once
+    assert errors == []
+
+
+async def test_the_demo_page_shows_every_counter_live(browser, counter_url, tmp_path):
+    errors = []
+    page = await open_page(browser, counter_url, errors)
+    await shows(page, "[data-id='1'] .value", "1")  # it counted its own view
+    await shows(page, "[data-id='9'] .value", "0")
+    assert await page.locator(".counter").count() == 9
+    await shows(page, "#status", "live")
+
+    async with aiohttp.ClientSession() as session:  # another client increments
+        await session.post(f"{counter_url}counters/5/")
+    await shows(page, "[data-id='5'] .value", "1")
+
+    await page.click("[data-id='3'] button")  # "+1"
+    await shows(page, "[data-id='3'] .value", "1")
+    assert await value_of(counter_url, 3) == 1
+
+    screenshot = tmp_path / "demo.png"
+    await page.screenshot(path=screenshot, full_page=True)
+    colors = Image.open(screenshot).convert("RGB").getcolors(maxcolors=1 << 16)
+    assert colors is None or len(colors) > 20, "the screenshot is blank"
+    assert errors == []
+
+
+async def test_embed_js_shows_and_counts_on_another_origin(browser, counter_url, other_origin):
+    blog = await other_origin(f"""<!doctype html><title>blog</title><body>
+        <p>views: <span id="views" data-livecounter="2" data-livecounter-count>…</span></p>
+        <p>likes: <span class="likes" data-livecounter="3">…</span> <span class="likes" data-livecounter="3">…</span></p>
+        <script src="{counter_url}embed.js"></script></body>""")
+    errors = []
+    page = await open_page(browser, blog, errors)
+    await shows(page, "#views", "1")  # counted once
+    await shows(page, ".likes", "0")
+    async with aiohttp.ClientSession() as session:
+        await session.post(f"{counter_url}counters/3/")
+        metrics = await (await session.get(f"{counter_url}metrics")).text()
+    await shows(page, ".likes", "1")
+    assert "livecounter_listeners 1\n" in metrics  # one stream for all of the page's counters
+    assert await value_of(counter_url, 2) == 1
     assert errors == []
