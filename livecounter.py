@@ -28,6 +28,7 @@ import argparse
 import asyncio
 import dataclasses
 import hmac
+import itertools
 import json
 import logging
 import math
@@ -39,6 +40,8 @@ import sys
 import time
 from pathlib import Path
 
+import aiohttp
+import jwt
 from aiohttp import web
 from aiohttp.http import HttpVersion11
 
@@ -71,6 +74,8 @@ class Settings:
     max_listeners: int | None = None  # None: what the open-file limit allows, see default_max_listeners()
     max_listeners_per_ip: int = 1000
     admin_token: str | None = None  # PUT and DELETE need it as a Bearer token; None: they are off
+    grip_urls: tuple[str, ...] = ()  # Pushpin publish endpoints; empty: no GRIP
+    grip_key: str | None = None  # the key Pushpin signs Grip-Sig with; None: not checked
 
 
 def default_max_listeners() -> int:
@@ -551,12 +556,127 @@ class ListenerHub:
 
 
 # --------------------------------------------------------------------------------------------------
+# GRIP publishing: Pushpin holds the connections, livecounter publishes the changes
+# --------------------------------------------------------------------------------------------------
+#
+# A stream requested through Pushpin (it signs the request with Grip-Sig) is answered with its
+# first frames and Grip-Hold instructions; Pushpin keeps the connection and subscribes it to the
+# counters' channels. Every change is then published to each Pushpin over its HTTP publish API.
+
+PUBLISH_BATCH = 500  # counters per publish request; a long outage may leave many to catch up
+PUBLISH_TIMEOUT = 5.0  # seconds; a slow Pushpin delays only its own next publish
+
+
+def grip_channel(counter_id: str, multi: bool) -> str:
+    """A counter's channel for single-counter ("message" events) or multi-counter streams.
+
+    ':' is not allowed in ids, so the two names never collide."""
+    return f"counters:{counter_id}" if multi else f"counter-{counter_id}"
+
+
+class PushpinTarget:
+    """One Pushpin instance: what it still has to be sent, and whether publishing to it works."""
+
+    def __init__(self, url: str) -> None:
+        self.publish_url = url.rstrip("/") + "/publish/"
+        self.unpublished: dict[str, int | None] = {}  # counter -> latest value; None: deleted
+        self.wakeup = asyncio.Event()
+        self.error: str | None = None
+        self.retry_delay = FIRST_RETRY_DELAY
+
+
+class GripPublisher:
+    def __init__(self, urls: tuple[str, ...]) -> None:
+        self._targets = [PushpinTarget(url) for url in urls]
+        self.published = 0  # for /metrics: publish requests Pushpin accepted
+        self.failures = 0
+
+    @property
+    def error(self) -> str | None:
+        """Why publishing fails, for /healthz; None while it works."""
+        return "; ".join(target.error for target in self._targets if target.error) or None
+
+    def publish(self, counter_id: str, value: int | None) -> None:
+        """Queue a counter's latest value (None: it was deleted) for every Pushpin; never waits."""
+        for target in self._targets:
+            target.unpublished[counter_id] = value
+            target.wakeup.set()
+
+    async def run(self) -> None:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=PUBLISH_TIMEOUT)) as session:
+            await asyncio.gather(*(self._publish_to(session, target) for target in self._targets))
+
+    async def _publish_to(self, session: aiohttp.ClientSession, target: PushpinTarget) -> None:
+        """One request in flight per Pushpin; what changes meanwhile goes in the next, latest only."""
+        while True:
+            await target.wakeup.wait()
+            target.wakeup.clear()
+            batch = dict(itertools.islice(target.unpublished.items(), PUBLISH_BATCH))
+            for counter_id in batch:
+                del target.unpublished[counter_id]
+            try:
+                async with session.post(target.publish_url, json={"items": publish_items(batch)}) as response:
+                    if response.status != 200:
+                        raise aiohttp.ClientError(f"{response.status} {(await response.text()).strip()[:200]}")
+            except (aiohttp.ClientError, TimeoutError) as error:
+                for counter_id, value in batch.items():
+                    target.unpublished.setdefault(counter_id, value)  # unless superseded meanwhile
+                self._failed(target, error)
+                await asyncio.sleep(target.retry_delay)
+                target.wakeup.set()
+                continue
+            self.published += 1
+            if target.error is not None:
+                log.info("publishing to %s works again", target.publish_url)
+                target.error = None
+            if target.unpublished:
+                target.wakeup.set()
+
+    def _failed(self, target: PushpinTarget, error: Exception) -> None:
+        self.failures += 1
+        if target.error is None:
+            log.error("publishing to %s failed, will retry: %s", target.publish_url, error or "timeout")
+            target.retry_delay = FIRST_RETRY_DELAY
+        else:
+            target.retry_delay = min(2 * target.retry_delay, LAST_RETRY_DELAY)
+        target.error = f"publishing to {target.publish_url} failed: {error or 'timeout'}"
+
+
+def publish_items(batch: dict[str, int | None]) -> list[dict[str, object]]:
+    """GRIP publish items: each change on both of its counter's channels; a deletion closes them."""
+    items = []
+    for counter_id, value in batch.items():
+        for multi in (False, True):
+            if value is None:
+                content: dict[str, object] = {"action": "close"}
+            else:
+                event = counter_event(counter_id, value) if multi else message_event(value)
+                content = {"content": event.decode()}
+            items.append({"channel": grip_channel(counter_id, multi), "formats": {"http-stream": content}})
+    return items
+
+
+def grip_sig_valid(signature: str, key: str | None) -> bool:
+    """Whether a Grip-Sig came from Pushpin: a JWT signed with the shared key (HS256), not expired.
+
+    Without a key, any Grip-Sig is taken (fine while only Pushpin can reach livecounter)."""
+    if key is None:
+        return True
+    try:
+        jwt.decode(signature, key, algorithms=["HS256"], options={"require": ["exp"]})
+    except jwt.InvalidTokenError:
+        return False
+    return True
+
+
+# --------------------------------------------------------------------------------------------------
 # HTTP handlers
 # --------------------------------------------------------------------------------------------------
 
 SETTINGS = web.AppKey("settings", Settings)
 STORE = web.AppKey("store", CounterStore)
 HUB = web.AppKey("hub", ListenerHub)
+GRIP = web.AppKey("grip", GripPublisher)  # absent without --grip-url
 
 MAX_BODY_BYTES = 1024  # an increment needs no body; this admits the small forms some clients send
 BODY_TIMEOUT = 10  # seconds for a body of at most MAX_BODY_BYTES to arrive
@@ -672,6 +792,9 @@ async def stream(request: web.Request, counter_ids: list[str], *, multi: bool) -
     """The counters' current values, then every change, until the client leaves or the server stops."""
     if request.method == "HEAD":
         return web.Response(headers=SSE_HEADERS)
+    signature = request.headers.get("Grip-Sig")
+    if signature and GRIP in request.app and grip_sig_valid(signature, request.app[SETTINGS].grip_key):
+        return held_by_pushpin(request, counter_ids, multi)
     hub = request.app[HUB]
     client = client_address(request)
     if reason := hub.refusal():
@@ -700,6 +823,18 @@ async def stream(request: web.Request, counter_ids: list[str], *, multi: bool) -
     except ConnectionError:
         pass  # it vanished without a goodbye; nothing to end
     return response
+
+
+def held_by_pushpin(request: web.Request, counter_ids: list[str], multi: bool) -> web.Response:
+    """The first frames, and the instructions for Pushpin to hold the stream on the counters' channels."""
+    store = request.app[STORE]
+    style = COUNTER_STYLE if multi else MESSAGE_STYLE
+    keepalive = max(1, round(request.app[SETTINGS].keepalive_interval))
+    return web.Response(
+        body=b"".join(frames(counter_id, store.value(counter_id))[style] for counter_id in counter_ids),
+        headers={**SSE_HEADERS, "Grip-Hold": "stream",
+                 "Grip-Channel": ", ".join(grip_channel(counter_id, multi) for counter_id in counter_ids),
+                 "Grip-Keep-Alive": f":\\n\\n; format=cstring; timeout={keepalive}"})
 
 
 async def increment_counter(request: web.Request) -> web.Response:
@@ -737,10 +872,13 @@ async def commit(request: web.Request, counter_id: str) -> None:
             await store.persisted()
         except SaveFailed as failure:
             raise retry_later(web.HTTPServiceUnavailable, str(failure), LAST_RETRY_DELAY) from None
-    if counter_id in store:
-        request.app[HUB].publish(counter_id, store.value(counter_id))
-    else:
+    value = store.value(counter_id) if counter_id in store else None
+    if value is None:
         request.app[HUB].drop(counter_id)
+    else:
+        request.app[HUB].publish(counter_id, value)
+    if GRIP in request.app:
+        request.app[GRIP].publish(counter_id, value)
 
 
 def require_admin(request: web.Request) -> None:
@@ -808,9 +946,10 @@ async def list_counters(request: web.Request) -> web.StreamResponse:
 
 
 async def health(request: web.Request) -> web.Response:
-    save_error = request.app[STORE].save_error
-    if save_error is not None:
-        return web.Response(status=503, text=save_error + "\n")
+    """ok, or 503 with what fails: saving the data file, or publishing to Pushpin."""
+    problems = [request.app[STORE].save_error, GRIP in request.app and request.app[GRIP].error]
+    if any(problems):
+        return web.Response(status=503, text="; ".join(filter(None, problems)) + "\n")
     return web.Response(text="ok\n")
 
 
@@ -831,6 +970,14 @@ async def metrics(request: web.Request) -> web.Response:
          store.last_saved_at),
         ("saves_failing", "gauge", "1 while saves fail (see /healthz), else 0.", int(store.save_error is not None)),
     ]
+    if GRIP in request.app:
+        grip = request.app[GRIP]
+        samples += [
+            ("grip_publishes_total", "counter", "Publish requests Pushpin accepted.", grip.published),
+            ("grip_publish_errors_total", "counter", "Publish requests that failed.", grip.failures),
+            ("grip_publishing_failing", "gauge", "1 while publishing to a Pushpin fails, else 0.",
+             int(grip.error is not None)),
+        ]
     text = "".join(f"# HELP livecounter_{name} {help}\n# TYPE livecounter_{name} {kind}\n"
                    f"livecounter_{name} {value}\n" for name, kind, help, value in samples)
     return web.Response(text=text, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
@@ -1026,6 +1173,8 @@ def create_app(data_path: str | os.PathLike[str] = Settings.data_path, **options
         keepalive_interval=settings.keepalive_interval, stall_timeout=settings.stall_timeout,
         max_listeners=settings.max_listeners or default_max_listeners(),
         max_listeners_per_client=settings.max_listeners_per_ip)
+    if settings.grip_urls:
+        app[GRIP] = GripPublisher(settings.grip_urls)
     if settings.post_rate:
         app[POST_RATE] = RateLimiter(settings.post_rate, burst=max(1.0, 2 * settings.post_rate))
     for path in ("/counters/{counter_id}/", "/counters/{counter_id}"):
@@ -1052,6 +1201,8 @@ def create_app(data_path: str | os.PathLike[str] = Settings.data_path, **options
 async def run_background_work(app: web.Application):
     """Saves and sweeps while the app runs; the final save after every stream and request has ended."""
     tasks = [asyncio.create_task(app[STORE].run_saves()), asyncio.create_task(app[HUB].run_sweeps())]
+    if GRIP in app:
+        tasks.append(asyncio.create_task(app[GRIP].run()))
     yield
     for task in tasks:
         task.cancel()
@@ -1095,6 +1246,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         variable = "LIVECOUNTER_" + flag.lstrip("-").replace("-", "_").upper()
         if kwargs.get("action") == "store_true":
             default = os.environ.get(variable, "").lower() in ("1", "true", "yes", "on")
+        elif kwargs.get("action") == "append":
+            default = os.environ.get(variable, "").split() or None
         else:
             default = os.environ.get(variable, default)
         parser.add_argument(flag, default=default, **kwargs,
@@ -1123,6 +1276,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     option("--cors-origin", "the Access-Control-Allow-Origin of every response", defaults.cors_origin)
     option("--max-listeners", "concurrent event streams; past it, 503", defaults.max_listeners,
            shown_default="what the open-file limit allows", type=positive_int)
+    option("--grip-url", "a Pushpin instance's publish endpoint, e.g. http://127.0.0.1:5561/ "
+           "(repeat for each; the variable takes them separated by spaces)", None,
+           shown_default="none", action="append")
+    option("--grip-key", "the key Pushpin signs Grip-Sig with (its sig_key); unset, it is not checked",
+           defaults.grip_key, shown_default="unset")
     option("--no-access-log", "don't log every request (the access log is in the combined format)",
            None, shown_default="logged", action="store_true")
     option("--max-listeners-per-ip", "concurrent event streams per client address; past it, 429",
@@ -1148,6 +1306,7 @@ def main(argv: list[str] | None = None) -> int:
             trust_proxy=args.trust_proxy, keepalive_interval=args.keepalive_interval,
             stall_timeout=args.stall_timeout, cors_origin=args.cors_origin,
             max_listeners=args.max_listeners, max_listeners_per_ip=args.max_listeners_per_ip,
+            grip_urls=tuple(args.grip_url or ()), grip_key=args.grip_key,
             admin_token=os.environ.get("LIVECOUNTER_ADMIN_TOKEN") or None)
     except DataFileError as error:
         print(f"livecounter: {error}", file=sys.stderr)
