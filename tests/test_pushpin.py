@@ -1,0 +1,232 @@
+"""livecounter as a GRIP origin behind a real, private Pushpin (Debian's package).
+
+Without pushpin installed these tests are skipped on a developer's machine and fail under CI=true
+(`.ci/run` installs it). See ../shared/notes/pushpin.md for what a private instance needs.
+"""
+
+import asyncio
+import configparser
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import time
+from pathlib import Path
+
+import aiohttp
+import jwt
+import pytest
+
+from test_livecounter import SSE, Server, frame, free_port, read_frame, read_until_value
+
+ROOT = Path(__file__).resolve().parent.parent
+SIG_KEY = "a-sig-key-of-32-bytes-or-more-for-hs256"
+
+
+class Pushpin:
+    """A private Pushpin in a temp dir: its own ports, run dir, logs, zurl and routes."""
+
+    def __init__(self, directory: Path, origin_port: int) -> None:
+        self.directory = directory
+        self.http_port = free_port()
+        offset = random.randrange(10_000, 27_000)  # below the ephemeral ports (32768+)
+        self.publish_port = 5561 + offset
+        config = configparser.ConfigParser(interpolation=None, strict=False)
+        config.optionxform = str
+        config.read(ROOT / "deploy" / "pushpin" / "pushpin.conf")  # the sample the README recommends
+        (directory / "run").mkdir(exist_ok=True)
+        (directory / "log").mkdir(exist_ok=True)
+        (directory / "routes").write_text(f"* 127.0.0.1:{origin_port}\n")
+        config["global"].update(rundir=str(directory / "run"), port_offset=str(offset))
+        config["runner"].update(http_port=str(self.http_port), logdir=str(directory / "log"),
+                                services="condure,zurl,pushpin-proxy,pushpin-handler")
+        config["proxy"].update(
+            routesfile=str(directory / "routes"), sig_key=SIG_KEY,
+            zurl_out_specs="ipc://{rundir}/{ipc_prefix}zurl-in",
+            zurl_out_stream_specs="ipc://{rundir}/{ipc_prefix}zurl-in-stream",
+            zurl_in_specs="ipc://{rundir}/{ipc_prefix}zurl-out")
+        self.config_file = directory / "pushpin.conf"
+        with open(self.config_file, "w") as file:
+            config.write(file)
+        self.url = f"http://127.0.0.1:{self.http_port}"
+        self.grip_url = f"http://127.0.0.1:{self.publish_port}/"
+
+    async def start(self) -> "Pushpin":
+        with open(self.directory / "pushpin.out", "ab") as out:
+            self.process = await asyncio.create_subprocess_exec(
+                "pushpin", "--config", str(self.config_file), stdout=out, stderr=out,
+                start_new_session=True)
+        async with asyncio.timeout(20):
+            for port in (self.http_port, self.publish_port):
+                while not port_open(port):
+                    await asyncio.sleep(0.1)
+        return self
+
+    async def stop(self) -> None:
+        os.killpg(self.process.pid, signal.SIGTERM)
+        await asyncio.wait_for(self.process.wait(), 20)
+        async with asyncio.timeout(10):
+            while port_open(self.http_port) or port_open(self.publish_port):
+                await asyncio.sleep(0.1)
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+@pytest.fixture
+def data_file(tmp_path):
+    path = tmp_path / "counters.json"
+    shutil.copy(ROOT / "counters.json", path)
+    return path
+
+
+@pytest.fixture
+async def setup(tmp_path, data_file):
+    """livecounter (python livecounter.py) behind a private Pushpin: (origin, pushpin)."""
+    if shutil.which("pushpin") is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("pushpin is missing: .ci/run installs it with apt-get")
+        pytest.skip("needs Debian's pushpin: apt-get install pushpin")
+    origin = Server(data_file)
+    pushpin = await Pushpin(tmp_path, origin.port).start()
+    origin.args += ["--grip-url", pushpin.grip_url, "--grip-key", SIG_KEY, "--save-interval", "0.1"]
+    await origin.start()
+    yield origin, pushpin
+    if origin.process.returncode is None:
+        await origin.stop()
+    if pushpin.process.returncode is None:
+        await pushpin.stop()
+
+
+def open_fds(process) -> int:
+    return len(os.listdir(f"/proc/{process.pid}/fd"))
+
+
+async def wait_until(condition, timeout=10):
+    async with asyncio.timeout(timeout):
+        while not await condition():
+            await asyncio.sleep(0.1)
+
+
+async def test_listeners_through_pushpin_get_the_first_value_and_every_change(setup):
+    origin, pushpin = setup
+    async with aiohttp.ClientSession() as session:
+        listener = await session.get(f"{pushpin.url}/counters/2/", headers=SSE)
+        assert listener.status == 200
+        assert listener.headers["Content-Type"].startswith("text/event-stream")
+        assert "Grip-Hold" not in listener.headers  # Pushpin consumes the instructions
+        assert await read_frame(listener) == frame(0)
+        for value in (1, 2, 3):
+            await session.post(f"{origin.url}/counters/2/")
+            assert await read_until_value(listener, value) == [value]
+
+        multi = await session.get(f"{pushpin.url}/counters/?ids=2,5", headers=SSE)
+        assert await read_frame(multi) == b'event: counter\ndata: {"id": "2", "value": 3}\n\n'
+        assert await read_frame(multi) == b'event: counter\ndata: {"id": "5", "value": 0}\n\n'
+        await session.post(f"{origin.url}/counters/5/")
+        assert await read_frame(multi) == b'event: counter\ndata: {"id": "5", "value": 1}\n\n'
+        metrics = await (await session.get(f"{origin.url}/metrics")).text()
+        assert "livecounter_listeners 0\n" in metrics  # livecounter holds none of them
+        assert "livecounter_grip_publishing_failing 0\n" in metrics
+
+
+async def test_hundreds_of_listeners_through_pushpin_cost_livecounter_no_sockets(setup):
+    origin, pushpin = setup
+    before = open_fds(origin.process)
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        listeners = []
+        for _ in range(6):  # in waves: a private Pushpin answers 502 to ~100 requests at once
+            listeners += await asyncio.gather(*(session.get(f"{pushpin.url}/counters/4/", headers=SSE)
+                                                for _ in range(50)))
+        for listener in listeners:
+            assert await read_frame(listener) == frame(0)
+        # Pushpin's zurl keeps a pool of idle keep-alive connections to the origin; nothing per listener.
+        assert open_fds(origin.process) < before + 50
+        await session.post(f"{origin.url}/counters/4/")
+        for listener in listeners:
+            assert await read_until_value(listener, 1) == [1]
+
+
+async def test_direct_and_proxied_listeners_coexist_and_every_post_reaches_all(setup):
+    origin, pushpin = setup
+    async with aiohttp.ClientSession() as session:
+        direct = await session.get(f"{origin.url}/counters/6/", headers=SSE)
+        proxied = await session.get(f"{pushpin.url}/counters/6/", headers=SSE)
+        for listener in (direct, proxied):
+            assert await read_frame(listener) == frame(0)
+        assert await (await session.post(f"{origin.url}/counters/6/")).text() == "1\n"  # straight
+        assert await (await session.post(f"{pushpin.url}/counters/6/")).text() == "2\n"  # through
+        for listener in (direct, proxied):
+            assert (await read_until_value(listener, 2))[-1] == 2
+
+
+async def test_with_pushpin_down_posts_keep_their_speed_and_listeners_catch_up_after(setup):
+    origin, pushpin = setup
+    await pushpin.stop()
+    async with aiohttp.ClientSession() as session:
+        direct = await session.get(f"{origin.url}/counters/7/", headers=SSE)
+        await read_frame(direct)
+        slowest = 0.0
+        for _ in range(200):
+            started = time.monotonic()
+            assert (await session.post(f"{origin.url}/counters/7/")).status == 200
+            slowest = max(slowest, time.monotonic() - started)
+        assert slowest < 0.5, "a POST waited on the unreachable Pushpin"
+        assert (await read_until_value(direct, 200))[-1] == 200  # direct listeners unaffected
+
+        async def reports_failure():
+            response = await session.get(f"{origin.url}/healthz")
+            return response.status == 503 and "publishing to" in await response.text()
+        await wait_until(reports_failure)
+
+        await pushpin.start()
+
+        async def healthy():
+            return (await session.get(f"{origin.url}/healthz")).status == 200
+        await wait_until(healthy, timeout=20)  # the queued latest value got through
+        proxied = await session.get(f"{pushpin.url}/counters/7/", headers=SSE)
+        assert await read_frame(proxied) == frame(200)
+        await session.post(f"{origin.url}/counters/7/")
+        assert await read_until_value(proxied, 201) == [201]
+    log = origin.log.read_text()
+    assert log.count("publishing to") <= 3 and "works again" in log, "failures are logged once per outage"
+
+
+async def test_a_forged_grip_sig_is_not_honoured(setup):
+    origin, pushpin = setup
+    forged = jwt.encode({"iss": "pushpin", "exp": int(time.time()) + 60}, "x" * 32, algorithm="HS256")
+    expired = jwt.encode({"iss": "pushpin", "exp": int(time.time()) - 60}, SIG_KEY, algorithm="HS256")
+    genuine = jwt.encode({"iss": "pushpin", "exp": int(time.time()) + 60}, SIG_KEY, algorithm="HS256")
+    async with aiohttp.ClientSession() as session:
+        for value, signature in enumerate((forged, expired, "garbage")):
+            response = await session.get(f"{origin.url}/counters/1/", headers={**SSE, "Grip-Sig": signature})
+            assert "Grip-Hold" not in response.headers  # served as a direct listener: a live stream
+            assert await read_frame(response) == frame(value)
+            await session.post(f"{origin.url}/counters/1/")
+            assert await read_until_value(response, value + 1) == [value + 1]
+            response.close()
+        response = await session.get(f"{origin.url}/counters/1/", headers={**SSE, "Grip-Sig": genuine})
+        assert response.headers["Grip-Hold"] == "stream"
+        assert response.headers["Grip-Channel"] == "counter-1"
+        assert response.headers["Grip-Keep-Alive"] == ":\\n\\n; format=cstring; timeout=15"
+        assert await response.read() == frame(3)  # the first frame, then the response ends
+
+
+async def test_deleting_a_counter_ends_its_streams_on_pushpin(setup, data_file):
+    origin, pushpin = setup
+    await origin.stop()
+    origin.env["LIVECOUNTER_ADMIN_TOKEN"] = "admin"
+    await origin.start()
+    async with aiohttp.ClientSession() as session:
+        proxied = await session.get(f"{pushpin.url}/counters/8/", headers=SSE)
+        assert await read_frame(proxied) == frame(0)
+        response = await session.delete(f"{origin.url}/counters/8/", headers={"Authorization": "Bearer admin"})
+        assert response.status == 204
+        assert await asyncio.wait_for(proxied.content.read(), 10) == b""  # Pushpin closed it
+    await origin.stop()
+    assert "8" not in json.loads(data_file.read_text())
