@@ -3,12 +3,14 @@
     POST /counters/{id}/                               increment, answers the new value: ``27\\n``
     GET  /counters/{id}/                               the value: ``27\\n`` (or JSON with Accept: application/json)
     GET  /counters/{id}/  Accept: text/event-stream    the value, then every change on the same response
+    GET  /counters/?ids=1,2  Accept: text/event-stream one stream of ``counter`` events for several counters
     GET  /counters/                                    every counter as one JSON object
-    GET  /healthz                                      ``ok``, or 503 with the reason while saves fail
+    PUT, DELETE /counters/{id}/                        admin writes (Authorization: Bearer $LIVECOUNTER_ADMIN_TOKEN)
+    GET  /  /embed.js  /metrics  /healthz              demo page, embeddable script, Prometheus, health
 
 Run it::
 
-    pip install -r requirements.txt && python livecounter.py        # http://127.0.0.1:8080/counters/
+    pip install -r requirements.txt && python livecounter.py        # open http://127.0.0.1:8080/
     python livecounter.py --help                                     # every option (also LIVECOUNTER_* variables)
 
 Embed it::
@@ -16,10 +18,12 @@ Embed it::
     app = web.Application()
     app.add_subapp("/live/", create_app(data_path="counters.json"))
 
-Values live in memory and are written behind to a JSON file (atomically, at most once per save
-interval, and once more on shutdown). Every change is encoded once and written to each listener's
-socket; a listener that stops reading skips values and gets the latest when it drains, and a hot
-counter coalesces its broadcasts so that fan-out never starves increments.
+Values live in memory and are written to a JSON file atomically: behind the requests (at most once
+per save interval, and once more on shutdown), or before the answer with --durable (group commit).
+Every change is encoded once and written to each listener's socket; a listener that stops reading
+skips values and gets the latest when it drains, and a hot counter coalesces its broadcasts so that
+fan-out never starves increments. With --grip-url, Pushpin holds the streams and livecounter
+publishes the changes to it.
 """
 
 from __future__ import annotations
