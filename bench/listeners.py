@@ -1,0 +1,116 @@
+"""A process holding N Server-Sent Events streams, for the benchmarks (not for tests).
+
+    python bench/listeners.py HOST PORT PATH N
+
+Opens N streams (GET PATH, Accept: text/event-stream), prints "ready" once every stream has its
+first frame, then takes commands on stdin, one per line:
+
+    wait V     print the monotonic time at which every stream had seen a value >= V ("time T")
+    close      close every stream and exit
+
+Works with livecounter (chunked "data: N" frames) and nginx+nchan ("data: N" EventSource frames).
+time.monotonic() is CLOCK_MONOTONIC, the same clock in every process of the machine.
+"""
+
+import asyncio
+import re
+import sys
+import time
+
+try:
+    import uvloop
+except ImportError:
+    uvloop = None
+
+LAST_VALUE = re.compile(rb"data: (\d+)\n(?!.*data: \d+\n)", re.S)
+
+
+class Stream(asyncio.Protocol):
+    def __init__(self, tracker: "Tracker") -> None:
+        self.tracker = tracker
+        self.value = -1
+        self.tail = b""  # a frame may be split between reads
+        self.opened = False
+
+    def data_received(self, data: bytes) -> None:
+        buffer = self.tail + data
+        self.tail = buffer[-32:]
+        if not self.opened and b"\n\n" in buffer:
+            self.opened = True
+            self.tracker.opened()
+        match = LAST_VALUE.search(buffer)
+        if match:
+            reached_before = self.value >= self.tracker.target
+            self.value = int(match.group(1))
+            if not reached_before and self.value >= self.tracker.target:
+                self.tracker.one_reached()
+
+    def connection_lost(self, exc) -> None:
+        self.tracker.lost += 1
+
+
+class Tracker:
+    def __init__(self, count: int) -> None:
+        self.count = count
+        self.open = 0
+        self.lost = 0
+        self.target = 1 << 62
+        self.reached = 0
+        self.reached_at = 0.0
+        self.all_open = asyncio.Event()
+        self.all_reached = asyncio.Event()
+        self.streams: list[Stream] = []
+
+    def opened(self) -> None:
+        self.open += 1
+        if self.open == self.count:
+            self.all_open.set()
+
+    def one_reached(self) -> None:
+        self.reached += 1
+        if self.reached == self.count:
+            self.reached_at = time.monotonic()
+            self.all_reached.set()
+
+    def expect(self, target: int) -> None:
+        self.target = target
+        self.all_reached.clear()
+        self.reached = 0
+        for stream in self.streams:
+            if stream.value >= target:
+                self.one_reached()
+
+
+async def main(host: str, port: int, path: str, count: int) -> None:
+    loop = asyncio.get_running_loop()
+    tracker = Tracker(count)
+    request = (f"GET {path} HTTP/1.1\r\nHost: {host}\r\nAccept: text/event-stream\r\n\r\n").encode()
+    transports = []
+    for number in range(count):
+        transport, stream = await loop.create_connection(lambda: Stream(tracker), host, port)
+        tracker.streams.append(stream)
+        transport.write(request)
+        transports.append(transport)
+        if number % 500 == 499:
+            await asyncio.sleep(0)  # let the server keep up with the accepts
+    await asyncio.wait_for(tracker.all_open.wait(), 120)
+    print("ready", flush=True)
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    while line := (await reader.readline()).decode().split():
+        if line[0] == "wait":
+            tracker.expect(int(line[1]))
+            try:
+                await asyncio.wait_for(tracker.all_reached.wait(), 60)
+                print(f"time {tracker.reached_at}", flush=True)
+            except TimeoutError:
+                print(f"timeout {tracker.reached}/{count} lost={tracker.lost}", flush=True)
+        elif line[0] == "close":
+            break
+    for transport in transports:
+        transport.close()
+
+
+if __name__ == "__main__":
+    host, port, path, count = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+    (uvloop.run if uvloop else asyncio.run)(main(host, port, path, count))

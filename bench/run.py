@@ -1,0 +1,450 @@
+"""Benchmarks: livecounter side by side with its floor (a bare aiohttp handler) and nginx+nchan.
+
+    python bench/run.py            # the full table: about ten minutes on 2 cores
+    python bench/run.py --quick    # a short smoke run that proves the harness works
+
+Every server runs in its own process and is driven from others (wrk, bench/listeners.py), all on
+loopback. Each figure is the median of several runs; each ratio is taken pair by pair within one
+run (both sides measured back to back), then its median is reported. It installs nothing: it says
+what is missing and how to install it. Timings here are never test assertions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+PYTHON = sys.executable
+NCHAN_MODULE = Path("/usr/lib/nginx/modules/ngx_nchan_module.so")
+LISTENERS_PER_PROCESS = 5000  # a process holds ~19,900 sockets here; two share the receiving work
+
+
+# --- what the harness needs ----------------------------------------------------------------------
+
+def missing_tools() -> list[str]:
+    missing = []
+    if shutil.which("wrk") is None:
+        missing.append("wrk (apt-get install wrk)")
+    if shutil.which("nginx") is None or not NCHAN_MODULE.exists():
+        missing.append("nginx with nchan (apt-get install nginx-light libnginx-mod-nchan)")
+    for module, package in (("aiohttp", "aiohttp"), ("uvloop", "uvloop")):
+        try:
+            __import__(module)
+        except ImportError:
+            missing.append(f"{module} (pip install {package})")
+    return missing
+
+
+# --- processes ---------------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Server:
+    """A server under test, in its own process; `cpu_pid` is the process that does the work."""
+
+    def __init__(self, name: str, command: list[str], port: int, ready: str, workdir: Path,
+                 post_path: str, stream_path: str) -> None:
+        self.name, self.port = name, port
+        self.post_path, self.stream_path = post_path, stream_path
+        self.log = open(workdir / f"{name.replace(' ', '_')}.log", "ab")
+        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=self.log,
+                                        start_new_session=True, cwd=workdir)
+        self.started = time.monotonic()
+        for line in self.process.stdout:
+            if ready in line.decode():
+                break
+        else:
+            raise RuntimeError(f"{name} did not start; see {self.log.name}")
+        self.ready_after = time.monotonic() - self.started
+        self.cpu_pid = self.process.pid
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def stop(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+        self.log.close()
+
+
+def livecounter(loop: str, workdir: Path, *args: str, data: Path | None = None) -> Server:
+    """python livecounter.py, on uvloop (as the command line picks it) or asyncio's own loop."""
+    data = data or workdir / "counters.json"
+    if not data.exists():
+        shutil.copy(ROOT / "counters.json", data)
+    port = free_port()
+    argv = ["--port", str(port), "--data", str(data), "--no-access-log",
+            "--max-listeners-per-ip", "100000", *args]
+    code = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); import livecounter; "
+            + ("livecounter.uvloop = None; " if loop == "asyncio" else "")
+            + f"sys.exit(livecounter.main({argv!r}))")
+    return Server(f"livecounter {loop} {' '.join(args)}".strip(), [PYTHON, "-c", code], port,
+                  "livecounter serving", workdir, "/counters/1/", "/counters/1/")
+
+
+def floor(loop: str, workdir: Path) -> Server:
+    port = free_port()
+    return Server(f"floor {loop}", [PYTHON, str(BENCH / "floor.py"), str(port), loop], port, "serving",
+                  workdir, "/counters/1/", "")
+
+
+NGINX_CONF = """load_module {module};
+worker_processes 1;
+worker_rlimit_nofile 19500;
+daemon off;
+master_process on;
+pid {dir}/nginx.pid;
+error_log {dir}/nginx-error.log warn;
+events {{ worker_connections 19000; }}
+http {{
+    access_log off;
+    client_body_temp_path {dir}/body; proxy_temp_path {dir}/proxy;
+    fastcgi_temp_path {dir}/fastcgi; uwsgi_temp_path {dir}/uwsgi; scgi_temp_path {dir}/scgi;
+    server {{
+        listen 127.0.0.1:{port};
+        location ~ ^/pub/(\\w+)$ {{ nchan_publisher; nchan_channel_id $1; nchan_message_buffer_length 1; }}
+        location ~ ^/sub/(\\w+)$ {{ nchan_subscriber eventsource; nchan_channel_id $1; }}
+        location = /ready {{ return 200 "serving\\n"; }}
+    }}
+}}
+"""
+
+
+def nchan(workdir: Path) -> Server:
+    port = free_port()
+    conf = workdir / "nginx.conf"
+    conf.write_text(NGINX_CONF.format(module=NCHAN_MODULE, dir=workdir, port=port))
+    command = ["sh", "-c", f"nginx -c {conf} & "
+               f"until curl -sf http://127.0.0.1:{port}/ready; do sleep 0.05; done; wait"]
+    server = Server("nginx+nchan", command, port, "serving", workdir, "/pub/1", "/sub/1")
+    master = int((workdir / "nginx.pid").read_text())
+    server.cpu_pid = int(subprocess.check_output(["pgrep", "-P", str(master)]).split()[0])  # the worker
+    return server
+
+
+# --- measurements ------------------------------------------------------------------------------
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time of every thread of pid, in nanosecond resolution (schedstat), as seconds."""
+    total = 0
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(FileNotFoundError):
+            total += int(Path(f"/proc/{pid}/task/{task}/schedstat").read_text().split()[0])
+    return total / 1e9
+
+
+def rss_kib(pid: int) -> int:
+    return int(re.search(r"VmRSS:\s+(\d+)", Path(f"/proc/{pid}/status").read_text()).group(1))
+
+
+def wrk(url: str, seconds: float, body: str | None = None, connections: int = 50) -> tuple[float, int]:
+    """POSTs with wrk: requests per second, and errors (socket errors plus non-2xx answers)."""
+    script = BENCH / "post.lua"
+    if body is not None:
+        script = Path(tempfile.mkstemp(suffix=".lua")[1])
+        script.write_text(f'wrk.method = "POST"\nwrk.body = "{body}"\n')
+    output = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "-s", str(script), url],
+                            capture_output=True, text=True, check=True).stdout
+    rate = float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1))
+    errors = sum(int(n) for n in re.findall(r"(?:connect|read|write|timeout) (\d+)", output))
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
+    return rate, errors + (int(non2xx.group(1)) if non2xx else 0)
+
+
+def post(url: str, body: bytes = b"") -> bytes:
+    with urllib.request.urlopen(urllib.request.Request(url, data=body, method="POST"), timeout=30) as answer:
+        return answer.read()
+
+
+class Listeners:
+    """count streams held by bench/listeners.py processes."""
+
+    def __init__(self, server: Server, count: int, path: str | None = None) -> None:
+        self.count = count
+        sizes = [min(LISTENERS_PER_PROCESS, count - start) for start in range(0, count, LISTENERS_PER_PROCESS)]
+        self.processes = [
+            subprocess.Popen([PYTHON, str(BENCH / "listeners.py"), "127.0.0.1", str(server.port),
+                              path or server.stream_path, str(size)],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            for size in sizes]
+        for process in self.processes:
+            if process.stdout.readline().strip() != "ready":
+                raise RuntimeError("listeners did not connect")
+
+    def all_have(self, value: int) -> float:
+        """The monotonic time at which the last stream had value (or a later one)."""
+        for process in self.processes:
+            process.stdin.write(f"wait {value}\n")
+            process.stdin.flush()
+        answers = [process.stdout.readline().split() for process in self.processes]
+        if any(answer[0] != "time" for answer in answers):
+            raise RuntimeError(f"listeners missed {value}: {answers}")
+        return max(float(answer[1]) for answer in answers)
+
+    def close(self) -> None:
+        for process in self.processes:
+            with contextlib.suppress(BrokenPipeError):
+                process.stdin.write("close\n")
+                process.stdin.flush()
+        for process in self.processes:
+            process.wait(60)
+
+
+def settle() -> None:
+    time.sleep(0.5)  # let the servers' accept backlog and sweeps quiet down between phases
+
+
+# --- workloads ---------------------------------------------------------------------------------
+
+def increments(workdir: Path, seconds: float, repeats: int) -> dict:
+    """1 and 2: wrk POSTs to one counter, livecounter against the floor, durable against default."""
+    runs: dict[str, list[float]] = {}
+    for _ in range(repeats):
+        for loop in ("asyncio", "uvloop"):
+            pair = {}
+            for name, start in ((f"floor {loop}", lambda: floor(loop, workdir)),
+                                (f"livecounter {loop}", lambda: livecounter(loop, workdir)),
+                                (f"livecounter {loop} --durable", lambda: livecounter(loop, workdir, "--durable"))):
+                server = start()
+                try:
+                    pair[name], _ = wrk(server.url(server.post_path), seconds)
+                finally:
+                    server.stop()
+                runs.setdefault(name, []).append(pair[name])
+            runs.setdefault(f"ratio livecounter/floor {loop}", []).append(
+                pair[f"livecounter {loop}"] / pair[f"floor {loop}"])
+            runs.setdefault(f"ratio durable/default {loop}", []).append(
+                pair[f"livecounter {loop} --durable"] / pair[f"livecounter {loop}"])
+        server = nchan(workdir)
+        try:
+            runs.setdefault("nginx+nchan publish", []).append(wrk(server.url("/pub/1"), seconds, body="1")[0])
+        finally:
+            server.stop()
+    return {name: statistics.median(values) for name, values in runs.items()}
+
+
+def broadcast_and_memory(workdir: Path, count: int, repeats: int) -> dict:
+    """3 and 4: one increment to `count` idle listeners: server CPU, time to the last, RSS each."""
+    results = {}
+    for name, start in (("livecounter uvloop", lambda: livecounter("uvloop", workdir)),
+                        ("livecounter asyncio", lambda: livecounter("asyncio", workdir)),
+                        ("nginx+nchan", lambda: nchan(workdir))):
+        server = start()
+        try:
+            settle()
+            rss_before = rss_kib(server.cpu_pid)
+            listeners = Listeners(server, count)
+            settle()
+            rss_after = rss_kib(server.cpu_pid)
+            cpu, delivery = [], []
+            for value in range(1, repeats + 1):
+                cpu_before = cpu_seconds(server.cpu_pid)
+                sent = time.monotonic()
+                post(server.url(server.post_path), str(value).encode() if "nchan" in name else b"")
+                delivery.append(listeners.all_have(value) - sent)
+                cpu.append(cpu_seconds(server.cpu_pid) - cpu_before)
+                time.sleep(0.05)
+            listeners.close()
+            results[name] = {"cpu_ms": 1000 * statistics.median(cpu),
+                             "delivery_ms": 1000 * statistics.median(delivery),
+                             "kib_per_listener": (rss_after - rss_before) / count}
+        finally:
+            server.stop()
+    return results
+
+
+def hot_counter(workdir: Path, count: int, seconds: float) -> dict:
+    """5: wrk POSTs to a counter with `count` listeners, against the rate with none."""
+    results = {}
+    for name, start in (("livecounter uvloop", lambda: livecounter("uvloop", workdir)),
+                        ("nginx+nchan", lambda: nchan(workdir))):
+        server = start()
+        try:
+            body = "1" if "nchan" in name else None
+            alone, _ = wrk(server.url(server.post_path), seconds, body=body)
+            listeners = Listeners(server, count)
+            loaded, errors = wrk(server.url(server.post_path), seconds, body=body)
+            stopped = time.monotonic()
+            result = {"alone": alone, "with_listeners": loaded, "ratio": loaded / alone, "errors": errors}
+            if "livecounter" in name:  # nchan's messages all say 1: no final value to wait for
+                final = int(urllib.request.urlopen(server.url("/counters/1/"), timeout=30).read())
+                result["final_after_ms"] = 1000 * max(0.0, listeners.all_have(final) - stopped)
+            listeners.close()
+            results[name] = result
+        finally:
+            server.stop()
+    return results
+
+
+def scale(workdir: Path, count: int, seconds: float) -> dict:
+    """6: `count` listeners and `seconds` of maximum POST rate: errors, and RSS along the way."""
+    server = livecounter("uvloop", workdir)
+    try:
+        listeners = Listeners(server, count)
+        samples: list[int] = []
+        sampling = threading.Event()
+
+        def sample_rss() -> None:
+            while not sampling.wait(1):
+                samples.append(rss_kib(server.cpu_pid))
+        sampler = threading.Thread(target=sample_rss)
+        sampler.start()
+        rate, errors = wrk(server.url(server.post_path), seconds)
+        sampling.set()
+        sampler.join()
+        final = int(urllib.request.urlopen(server.url("/counters/1/"), timeout=30).read())
+        listeners.all_have(final)
+        listeners.close()
+        warm = samples[len(samples) // 3:]  # after warm-up: the first third
+        return {"rate": rate, "errors": errors, "rss_mib_start": warm[0] / 1024, "rss_mib_end": warm[-1] / 1024,
+                "rss_growth": (warm[-1] - warm[0]) / warm[0]}
+    finally:
+        server.stop()
+
+
+def many_counters(workdir: Path, counters: int, seconds: float) -> dict:
+    """7: start-up with `counters` counters, and the event loop's longest stall while saves run."""
+    data = workdir / "many.json"
+    data.write_text(json.dumps({f"c{i}": i for i in range(counters)}))
+    server = livecounter("uvloop", workdir, "--save-interval", "0.2", data=data)
+    try:
+        probe = server.url("/healthz")
+        stalls, saves_before = [], _saves(server)
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            post(server.url("/counters/c1/"))  # keeps a save due every interval
+            started = time.monotonic()
+            urllib.request.urlopen(probe, timeout=30).read()
+            stalls.append(time.monotonic() - started)
+            time.sleep(0.005)
+        return {"start_s": server.ready_after, "max_stall_ms": 1000 * max(stalls),
+                "saves": _saves(server) - saves_before,
+                "save_ms": 1000 * float(re.search(r"^livecounter_last_save_duration_seconds (\S+)$",
+                                                  _metrics(server), re.M).group(1))}
+    finally:
+        server.stop()
+
+
+def _metrics(server: Server) -> str:
+    return urllib.request.urlopen(server.url("/metrics"), timeout=30).read().decode()
+
+
+def _saves(server: Server) -> int:
+    return int(float(re.search(r"^livecounter_saves_total (\S+)$", _metrics(server), re.M).group(1)))
+
+
+# --- the table ---------------------------------------------------------------------------------
+
+def machine() -> str:
+    cpu = re.search(r"model name\s*: (.*)", Path("/proc/cpuinfo").read_text())
+    memory = int(re.search(r"MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text()).group(1)) // 1024 // 1024
+    return (f"{os.cpu_count()} cores ({cpu.group(1).strip() if cpu else platform.machine()}), {memory} GiB, "
+            f"Linux {platform.release()}, Python {platform.python_version()}")
+
+
+def report(quick: bool, inc: dict, broadcasts: dict, hot: dict, scaled: dict, many: dict,
+           sizes: dict) -> str:
+    lines = [f"Machine: {machine()}. {'Quick smoke run: figures are not meaningful.' if quick else ''}",
+             "", "| # | measurement | result | target |", "|---|---|---|---|"]
+
+    def row(number: str, what: str, result: str, target: str) -> None:
+        lines.append(f"| {number} | {what} | {result} | {target} |")
+
+    for loop in ("asyncio", "uvloop"):
+        row("1", f"POSTs/s, {loop}: livecounter vs bare aiohttp",
+            f"{inc[f'livecounter {loop}']:,.0f} vs {inc[f'floor {loop}']:,.0f}: "
+            f"**{inc[f'ratio livecounter/floor {loop}']:.2f}×**", "≥ 0.9×")
+    for loop in ("asyncio", "uvloop"):
+        row("2", f"POSTs/s, {loop}: `--durable` vs default",
+            f"{inc[f'livecounter {loop} --durable']:,.0f} vs {inc[f'livecounter {loop}']:,.0f}: "
+            f"**{inc[f'ratio durable/default {loop}']:.2f}×**", "≥ 0.5×")
+    row("1", "publishes/s, nginx+nchan (for scale)", f"{inc['nginx+nchan publish']:,.0f}", "")
+    nchan_results = {count: result["nginx+nchan"] for count, result in broadcasts.items()}
+    for count, result in broadcasts.items():
+        for name in ("livecounter uvloop", "livecounter asyncio", "nginx+nchan"):
+            ratio = result[name]["cpu_ms"] / nchan_results[count]["cpu_ms"]
+            row("3", f"one increment to {count:,} listeners, {name}: server CPU, time to the last",
+                f"{result[name]['cpu_ms']:.0f} ms CPU (**{ratio:.2f}×** nchan), {result[name]['delivery_ms']:.0f} ms",
+                "CPU ≤ 1.2× nchan" if "livecounter" in name else "")
+    for count, result in broadcasts.items():
+        for name in ("livecounter uvloop", "livecounter asyncio", "nginx+nchan"):
+            row("4", f"RSS per idle listener ({count:,}), {name}", f"{result[name]['kib_per_listener']:.1f} KiB",
+                "≤ 8 KB" if "livecounter" in name else "")
+    for name, result in hot.items():
+        extra = f", every listener on the final value {result['final_after_ms']:.0f} ms after the load" \
+            if "final_after_ms" in result else ""
+        row("5", f"hot counter, {sizes['hot']:,} listeners, {name}: POSTs/s with vs without",
+            f"{result['with_listeners']:,.0f} vs {result['alone']:,.0f}: **{result['ratio']:.2f}×**{extra}",
+            "≥ 0.7×, final value ≤ 1 s" if "livecounter" in name else "")
+    row("6", f"{sizes['scale']:,} listeners, {sizes['scale_seconds']:.0f} s of max POSTs (uvloop)",
+        f"{scaled['rate']:,.0f} POSTs/s, {scaled['errors']} errors, RSS {scaled['rss_mib_start']:.0f} → "
+        f"{scaled['rss_mib_end']:.0f} MiB after warm-up ({100 * scaled['rss_growth']:+.1f}%)",
+        "no errors, RSS flat")
+    row("7", f"{sizes['counters']:,} counters: start-up; longest loop stall while saving",
+        f"start {many['start_s']:.2f} s; {many['saves']} saves of {many['save_ms']:.0f} ms each, "
+        f"longest stall {many['max_stall_ms']:.0f} ms", "start < 1 s, stall ≤ 100 ms")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a short smoke run: small sizes, one repeat")
+    args = parser.parse_args()
+    if missing := missing_tools():
+        print("bench/run.py needs, and does not install:\n  " + "\n  ".join(missing), file=sys.stderr)
+        return 2
+    quick = args.quick
+    sizes = {"broadcast": [500] if quick else [5000, 10000], "hot": 500 if quick else 5000,
+             "scale": 1000 if quick else 10000, "scale_seconds": 3 if quick else 30,
+             "counters": 10_000 if quick else 100_000}
+    seconds, repeats = (1, 1) if quick else (5, 3)
+    with tempfile.TemporaryDirectory(prefix="livecounter-bench-") as directory:
+        workdir = Path(directory)
+        phases = []
+
+        def phase(title: str, work):
+            print(f"... {title}", file=sys.stderr, flush=True)
+            started = time.monotonic()
+            result = work()
+            phases.append(f"{title}: {time.monotonic() - started:.0f} s")
+            return result
+
+        inc = phase("increments", lambda: increments(workdir, seconds, repeats))
+        broadcasts = {count: phase(f"broadcast to {count}", lambda: broadcast_and_memory(workdir, count, 10))
+                      for count in sizes["broadcast"]}
+        hot = phase("hot counter", lambda: hot_counter(workdir, sizes["hot"], seconds * 2))
+        scaled = phase("scale", lambda: scale(workdir, sizes["scale"], sizes["scale_seconds"]))
+        many = phase("many counters", lambda: many_counters(workdir, sizes["counters"], 3 if quick else 10))
+    print(report(quick, inc, broadcasts, hot, scaled, many, sizes))
+    print("\n(" + "; ".join(phases) + ")", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
