@@ -763,22 +763,27 @@ def retry_later(status: type[web.HTTPException], reason: str, seconds: float) ->
 async def read_body(request: web.Request) -> bytes:
     """The request body: 413 past MAX_BODY_BYTES (declared or, if chunked, received), 408 if it
     doesn't arrive within BODY_TIMEOUT (a client must not hold a handler by sending slowly)."""
-    too_large = web.HTTPRequestEntityTooLarge(
-        max_size=MAX_BODY_BYTES, actual_size=request.content_length or MAX_BODY_BYTES + 1,
-        text=f"request body too large: an increment needs no body (at most {MAX_BODY_BYTES} bytes)\n")
+    if not request.body_exists:
+        return b""  # the usual increment: no timer, no read
     if (request.content_length or 0) > MAX_BODY_BYTES:
-        raise too_large
+        raise body_too_large()
     body = b""
     try:
         async with asyncio.timeout(BODY_TIMEOUT):
             while received := await request.content.read(MAX_BODY_BYTES + 1):
                 body += received
                 if len(body) > MAX_BODY_BYTES:
-                    raise too_large
+                    raise body_too_large()
     except TimeoutError:
         raise web.HTTPRequestTimeout(text=f"the request body did not arrive within {BODY_TIMEOUT} s\n",
                                      headers={"Connection": "close"}) from None
     return body
+
+
+def body_too_large() -> web.HTTPException:
+    return web.HTTPRequestEntityTooLarge(
+        max_size=MAX_BODY_BYTES, actual_size=MAX_BODY_BYTES + 1,
+        text=f"request body too large: an increment needs no body (at most {MAX_BODY_BYTES} bytes)\n")
 
 
 async def get_counter(request: web.Request) -> web.StreamResponse:
