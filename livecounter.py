@@ -42,6 +42,7 @@ import resource
 import socket
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
@@ -51,7 +52,7 @@ from aiohttp.http import HttpVersion11
 
 try:
     import uvloop
-except ImportError:  # optional: the asyncio loop serves too, ~20% slower
+except ImportError:  # optional: asyncio's own loop serves too, a little slower
     uvloop = None
 
 log = logging.getLogger("livecounter")
@@ -323,14 +324,19 @@ class CounterStore:
 # The listener hub: fan-out of changes to SSE streams
 # --------------------------------------------------------------------------------------------------
 #
-# A listener is its socket's transport, nothing more: a change is encoded once and written straight
-# to every transport (see the notes on measured costs: the kernel's send is the floor, so the loop
-# stays as thin as possible). No task, timer or buffer per listener: one sweep task sends
-# keep-alives, finds vanished clients (aiohttp doesn't tell a handler its client left), catches up
-# listeners that fell behind and disconnects the ones that stay stuck.
+# Once a stream's headers are out, the hub takes its connection over from aiohttp: the socket is
+# duplicated, aiohttp's side is dropped, and the duplicate gets a minimal protocol of our own, the
+# Listener. aiohttp then frees everything it held for the request (parser, request, handler task,
+# timers: ~10 KiB, the least an aiohttp stream costs, measured with bench/run.py) and a listener
+# costs a transport and one small object (~2 KiB). The protocol also hears at once when the client
+# leaves (aiohttp doesn't tell a handler) and when a listener that fell behind has drained.
+#
+# A change is encoded once and written straight to every listener's transport: the kernel's send is
+# the floor (see the notes on measured costs), so the loop stays as thin as possible.
 
 BEHIND_BYTES = 16 * 1024  # unsent bytes in user space beyond which a listener skips values
 LISTENER_SNDBUF = 16 * 1024  # kernel send buffer per listener: a frozen client pins this, not ~2 MB
+LAST_CHUNK = b"0\r\n\r\n"  # ends a chunked response
 
 # Every change goes out in four encodings, made once per broadcast: a single-counter stream's
 # "message" event or a multi-counter stream's "counter" event, each bare (HTTP/1.0) or as one
@@ -362,23 +368,43 @@ KEEPALIVE = b":\n\n"
 KEEPALIVE_FRAMES: Frames = (KEEPALIVE, chunk(KEEPALIVE)) * 2
 
 
-class Listener:
-    __slots__ = ("transport", "style", "channels", "client", "ended", "behind_since")
+class Listener(asyncio.Protocol):
+    """One stream's connection, after the hub took it over from aiohttp."""
 
-    def __init__(self, transport: asyncio.Transport, style: int, channels: list[Channel], client: str) -> None:
-        self.transport = transport
+    __slots__ = ("hub", "transport", "style", "channels", "client", "behind_since")
+
+    def __init__(self, hub: ListenerHub, style: int, client: str) -> None:
+        self.hub = hub
+        self.transport: asyncio.Transport | None = None
         self.style = style
-        self.channels = channels  # one for a single-counter stream
+        self.channels: list[Channel] = []  # one for a single-counter stream; empty until registered
         self.client = client  # its address, for the per-client cap
-        self.ended = asyncio.get_running_loop().create_future()  # the handler waits on this
-        self.behind_since = 0.0  # monotonic time it started refusing data; 0 while it keeps up
+        self.behind_since = 0.0  # monotonic time it stopped taking data; 0 while it keeps up
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.transport.set_write_buffer_limits(high=BEHIND_BYTES)
+
+    def data_received(self, data: bytes) -> None:
+        pass  # the client of a stream has nothing more to say
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.hub.unsubscribe(self)
+
+    def pause_writing(self) -> None:
+        self.hub.fell_behind(self)
+
+    def resume_writing(self) -> None:
+        self.hub.caught_up(self)
 
     def write(self, frames: Frames) -> None:
         self.transport.write(frames[self.style])
 
     def end(self) -> None:
-        if not self.ended.done():
-            self.ended.set_result(None)
+        """End the stream properly (the last chunk), once what was sent before is out."""
+        if self.style & 1:
+            self.transport.write(LAST_CHUNK)
+        self.transport.close()
 
 
 class Channel:
@@ -424,38 +450,52 @@ class ListenerHub:
             return f"too many streams from {client} (limit {self._max_listeners_per_client})"
         return None
 
-    def subscribe(self, values: dict[str, int], transport: asyncio.Transport, *, chunked: bool,
-                  multi: bool, client: str) -> tuple[Listener, bytes]:
-        """Register a listener of the counters in values (their current values); returns it and
-        the first frames it must be sent, which the caller writes before it yields to the loop, so
-        that no change can fall between."""
-        channels = []
-        for counter_id, value in values.items():
-            channel = self._channels.get(counter_id)
-            if channel is None:
-                channel = self._channels[counter_id] = Channel(counter_id, value)
-            channels.append(channel)
-        style = (COUNTER_STYLE if multi else MESSAGE_STYLE) + chunked
-        listener = Listener(transport, style, channels, client)
-        if self._closing:  # shutdown began while its headers were being sent
-            listener.end()
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, LISTENER_SNDBUF)
-        for channel in channels:
-            channel.listeners.add(listener)
-        self.listener_count += 1
-        self._per_client[client] = self._per_client.get(client, 0) + 1
-        # A broadcast may be pending: the new listener starts where the others are, and gets it too.
-        return listener, self._latest(listener, bare=True)
+    async def take_over(self, transport: asyncio.Transport, sent: dict[str, int],
+                        value_of: Callable[[str], int], *, chunked: bool, multi: bool, client: str) -> None:
+        """Take over a stream to which aiohttp has sent the headers and the first frames (the values
+        in `sent`); from then on the stream gets every change of those counters.
 
-    def _latest(self, listener: Listener, bare: bool = False) -> bytes:
-        """What its channels have sent, as its style of frames (unchunked for aiohttp to chunk)."""
-        style = listener.style & ~1 if bare else listener.style
-        return b"".join(frames(channel.counter_id, channel.sent)[style] for channel in listener.channels)
+        aiohttp's side of the connection is dropped: its handler finds it closed and lets go.
+        """
+        duplicate = socket.socket(fileno=os.dup(transport.get_extra_info("socket").fileno()))
+        duplicate.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, LISTENER_SNDBUF)
+        listener = Listener(self, (COUNTER_STYLE if multi else MESSAGE_STYLE) + chunked, client)
+        try:
+            await asyncio.get_running_loop().connect_accepted_socket(lambda: listener, sock=duplicate)
+            while transport.get_write_buffer_size():  # aiohttp's bytes go out before any of ours
+                if transport.is_closing():
+                    listener.transport.close()
+                    return
+                await asyncio.sleep(0.01)
+        except BaseException:
+            duplicate.close()
+            raise
+        # From here on nothing yields to the loop; aiohttp lets go last (it may cancel its handler).
+        if self._closing:  # shutdown began while the connection changed hands
+            listener.end()
+        elif not listener.transport.is_closing():
+            for counter_id in sent:
+                channel = self._channels.get(counter_id)
+                if channel is None:
+                    channel = self._channels[counter_id] = Channel(counter_id, value_of(counter_id))
+                channel.listeners.add(listener)
+                listener.channels.append(channel)
+            self.listener_count += 1
+            self._per_client[client] = self._per_client.get(client, 0) + 1
+            # What changed since the first frames: a broadcast pending or done meanwhile.
+            moved = [channel for channel in listener.channels if channel.sent != sent[channel.counter_id]]
+            if moved:
+                listener.transport.write(self._latest(listener, moved))
+        transport.abort()  # closes aiohttp's descriptor only: the connection lives on in the duplicate
+
+    def _latest(self, listener: Listener, channels: list[Channel] | None = None) -> bytes:
+        """What its channels (or some of them) have sent, as its style of frames."""
+        return b"".join(frames(channel.counter_id, channel.sent)[listener.style]
+                        for channel in channels or listener.channels)
 
     def unsubscribe(self, listener: Listener) -> None:
-        listener.end()
+        if not listener.channels:
+            return  # never registered, or already gone
         self._behind.discard(listener)
         self.listener_count -= 1
         if self._per_client[listener.client] == 1:
@@ -468,6 +508,19 @@ class ListenerHub:
                 if channel.pending is not None:
                     channel.pending.cancel()
                 del self._channels[channel.counter_id]
+        listener.channels = []
+
+    def fell_behind(self, listener: Listener) -> None:
+        """Its transport holds more than BEHIND_BYTES unsent: skip values until it drains."""
+        listener.behind_since = time.monotonic()
+        self._behind.add(listener)
+
+    def caught_up(self, listener: Listener) -> None:
+        """It drained: send the latest value of each of its counters."""
+        listener.behind_since = 0.0
+        self._behind.discard(listener)
+        if listener.channels:
+            listener.transport.write(self._latest(listener))
 
     def publish(self, counter_id: str, value: int) -> None:
         """A counter changed: broadcast soon, coalescing with changes that come before it goes."""
@@ -486,7 +539,7 @@ class ListenerHub:
         if channel.value == channel.sent:
             return
         started = time.perf_counter()
-        channel.sent = channel.value  # first: a listener caught up during the write gets this value
+        channel.sent = channel.value
         self._write_all(channel, frames(channel.counter_id, channel.value))
         self.broadcasts += 1
         # Rest three times as long as the broadcast took (<= 25% of the loop for one hot counter),
@@ -496,20 +549,10 @@ class ListenerHub:
         channel.pending = asyncio.get_running_loop().call_later(3 * elapsed, self._broadcast, channel)
 
     def _write_all(self, channel: Channel, frames: Frames) -> None:
-        """Write to every listener that keeps up; mark the ones that don't, end the vanished ones."""
-        now = time.monotonic()
-        channel.last_write = now
+        """Write to every listener that keeps up; the others get the latest when they drain."""
+        channel.last_write = time.monotonic()
         for listener in channel.listeners:
-            transport = listener.transport
-            if transport.is_closing():
-                listener.end()
-            elif transport.get_write_buffer_size() > BEHIND_BYTES:
-                if not listener.behind_since:
-                    listener.behind_since = now
-                    self._behind.add(listener)
-            elif listener.behind_since:  # it drained: catch it up on all its counters
-                self._catch_up(listener, now)
-            else:
+            if not listener.behind_since:
                 listener.write(frames)
 
     async def run_sweeps(self) -> None:
@@ -519,43 +562,31 @@ class ListenerHub:
             self.sweep()
 
     def sweep(self) -> None:
-        """Catch up or drop listeners that fell behind; end vanished ones; keep idle streams alive."""
+        """Disconnect listeners stuck past the stall timeout; keep idle streams alive."""
         now = time.monotonic()
         for listener in list(self._behind):
-            self._catch_up(listener, now)
+            if now - listener.behind_since > self._stall_timeout:
+                log.info("disconnecting a listener that took no data for %.0f s", self._stall_timeout)
+                listener.transport.abort()  # close() would wait to flush what the client never reads
+                self.unsubscribe(listener)
         for channel in self._channels.values():
             if now - channel.last_write >= self._keepalive_interval:
-                self._write_all(channel, KEEPALIVE_FRAMES)  # the still-behind are skipped
-            else:
-                for listener in channel.listeners:
-                    if listener.transport.is_closing():
-                        listener.end()
-
-    def _catch_up(self, listener: Listener, now: float) -> None:
-        transport = listener.transport
-        if transport.is_closing():
-            listener.end()
-        elif transport.get_write_buffer_size() <= BEHIND_BYTES:
-            transport.write(self._latest(listener))
-            listener.behind_since = 0.0
-            self._behind.discard(listener)
-        elif now - listener.behind_since > self._stall_timeout:
-            log.info("disconnecting a listener that took no data for %.0f s", self._stall_timeout)
-            transport.abort()  # close() would wait to flush what the client never reads
-            listener.end()
+                self._write_all(channel, KEEPALIVE_FRAMES)
 
     def drop(self, counter_id: str) -> None:
         """End the streams of a counter that no longer exists."""
         channel = self._channels.get(counter_id)
         if channel is not None:
-            for listener in channel.listeners:
+            for listener in list(channel.listeners):
+                self.unsubscribe(listener)
                 listener.end()
 
     def close(self) -> None:
         """End every stream (on shutdown); no new listener is taken after this."""
         self._closing = True
-        for channel in self._channels.values():
-            for listener in channel.listeners:
+        for channel in list(self._channels.values()):
+            for listener in list(channel.listeners):
+                self.unsubscribe(listener)
                 listener.end()
 
 
@@ -783,7 +814,7 @@ async def read_body(request: web.Request) -> bytes:
 def body_too_large() -> web.HTTPException:
     return web.HTTPRequestEntityTooLarge(
         max_size=MAX_BODY_BYTES, actual_size=MAX_BODY_BYTES + 1,
-        text=f"request body too large: an increment needs no body (at most {MAX_BODY_BYTES} bytes)\n")
+        text=f"request body too large: at most {MAX_BODY_BYTES} bytes (an increment needs none)\n")
 
 
 async def get_counter(request: web.Request) -> web.StreamResponse:
@@ -812,26 +843,17 @@ async def stream(request: web.Request, counter_ids: list[str], *, multi: bool) -
         raise retry_later(web.HTTPTooManyRequests, reason, 10)
     response = web.StreamResponse(headers=SSE_HEADERS)
     await response.prepare(request)  # aiohttp chunks it for HTTP/1.1, as chunked= says below
-    transport = request.transport
-    if transport is None or transport.is_closing():
-        return response
     store = request.app[STORE]
-    listener, first_frames = hub.subscribe(
-        {counter_id: store.value(counter_id) for counter_id in counter_ids}, transport,
-        chunked=request.version >= HttpVersion11, multi=multi, client=client)
-    try:
-        # Headers and first frames go out in this one write, before anything else runs on the loop.
-        await response.write(first_frames)
-        await listener.ended
+    sent = {counter_id: store.value(counter_id) for counter_id in counter_ids}
+    style = COUNTER_STYLE if multi else MESSAGE_STYLE
+    try:  # the headers and the first frames, in one packet
+        await response.write(b"".join(frames(counter_id, value)[style] for counter_id, value in sent.items()))
     except ConnectionError:
-        pass  # the client left during the first write
-    finally:
-        hub.unsubscribe(listener)
-    try:
-        await response.write_eof()
-    except ConnectionError:
-        pass  # it vanished without a goodbye; nothing to end
-    return response
+        return response  # the client left already
+    if request.transport is not None:
+        await hub.take_over(request.transport, sent, store.value,
+                            chunked=request.version >= HttpVersion11, multi=multi, client=client)
+    return response  # aiohttp finds its side of the connection closed, and is done with it
 
 
 def held_by_pushpin(request: web.Request, counter_ids: list[str], multi: bool) -> web.Response:
@@ -1324,7 +1346,9 @@ def main(argv: list[str] | None = None) -> int:
     url = f"http://{host}:{args.port}/"
     loop = uvloop.new_event_loop() if uvloop is not None else asyncio.new_event_loop()
     try:
-        web.run_app(app, host=args.host, port=args.port, loop=loop, shutdown_timeout=5,
+        # backlog: after a restart every browser's EventSource reconnects at once; 128 queued
+        # connections overflow and the rest wait a SYN retransmit (1 s, then 3 s, ...) each.
+        web.run_app(app, host=args.host, port=args.port, loop=loop, shutdown_timeout=5, backlog=4096,
                     access_log=None if args.no_access_log else logging.getLogger("aiohttp.access"),
                     print=lambda _: print(f"livecounter serving {url} (Ctrl+C to stop)", flush=True))
     except OSError as error:  # the port is taken, or the address is not this machine's

@@ -390,7 +390,7 @@ async def test_a_wrong_method_gets_405_with_allow(client):
 async def test_an_oversized_body_gets_413(client):
     response = await client.post("/counters/1/", data=b"x" * 5000)
     assert response.status == 413
-    assert (await response.text()).endswith("no body (at most 1024 bytes)\n")
+    assert await response.text() == "request body too large: at most 1024 bytes (an increment needs none)\n"
 
     async def chunked_body():
         for _ in range(10):

@@ -36,5 +36,5 @@ if __name__ == "__main__":
     else:
         loop = asyncio.new_event_loop()
     forever = loop.create_future()
-    web.run_app(app, host="127.0.0.1", port=port, access_log=None, loop=loop,
+    web.run_app(app, host="127.0.0.1", port=port, access_log=None, loop=loop, backlog=4096,
                 print=lambda _: print("serving", flush=True))

@@ -93,13 +93,16 @@ async def setup(tmp_path, data_file):
         pytest.skip("needs Debian's pushpin: apt-get install pushpin")
     origin = Server(data_file)
     pushpin = await Pushpin(tmp_path, origin.port).start()
-    origin.args += ["--grip-url", pushpin.grip_url, "--grip-key", SIG_KEY, "--save-interval", "0.1"]
-    await origin.start()
-    yield origin, pushpin
-    if origin.process.returncode is None:
-        await origin.stop()
-    if pushpin.process.returncode is None:
-        await pushpin.stop()
+    try:
+        origin.args += ["--grip-url", pushpin.grip_url, "--grip-key", SIG_KEY, "--save-interval", "0.1"]
+        await origin.start()
+        yield origin, pushpin
+        if origin.process.returncode is None:
+            await origin.stop()
+    finally:
+        if pushpin.process.returncode is None:  # whatever failed, no Pushpin outlives its test
+            os.killpg(pushpin.process.pid, signal.SIGKILL)
+            await pushpin.process.wait()
 
 
 def open_fds(process) -> int:
