@@ -6,6 +6,7 @@ Without pushpin installed these tests are skipped on a developer's machine and f
 
 import asyncio
 import configparser
+import contextlib
 import json
 import os
 import random
@@ -65,11 +66,19 @@ class Pushpin:
         return self
 
     async def stop(self) -> None:
-        os.killpg(self.process.pid, signal.SIGTERM)
+        """SIGTERM: the runner stops the services it started (each runs in a process group of its own)."""
+        self.process.send_signal(signal.SIGTERM)
         await asyncio.wait_for(self.process.wait(), 20)
         async with asyncio.timeout(10):
             while port_open(self.http_port) or port_open(self.publish_port):
                 await asyncio.sleep(0.1)
+
+    def kill(self) -> None:
+        """The last resort: every process started with this instance's files."""
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            with contextlib.suppress(OSError):
+                if str(self.directory).encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    os.kill(int(pid), signal.SIGKILL)
 
 
 def port_open(port: int) -> bool:
@@ -99,10 +108,11 @@ async def setup(tmp_path, data_file):
         yield origin, pushpin
         if origin.process.returncode is None:
             await origin.stop()
-    finally:
-        if pushpin.process.returncode is None:  # whatever failed, no Pushpin outlives its test
-            os.killpg(pushpin.process.pid, signal.SIGKILL)
-            await pushpin.process.wait()
+    finally:  # whatever failed, no Pushpin outlives its test
+        if pushpin.process.returncode is None:
+            with contextlib.suppress(TimeoutError):
+                await pushpin.stop()
+        pushpin.kill()
 
 
 def open_fds(process) -> int:
