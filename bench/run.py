@@ -95,10 +95,10 @@ class Server:
 
 def livecounter(loop: str, workdir: Path, *args: str, data: Path | None = None) -> Server:
     """python livecounter.py, on uvloop (as the command line picks it) or asyncio's own loop."""
-    data = data or workdir / "counters.json"
-    if not data.exists():
-        shutil.copy(ROOT / "counters.json", data)
     port = free_port()
+    if data is None:  # every server starts from the shipped counters, all at 0
+        data = workdir / f"counters-{port}.json"
+        shutil.copy(ROOT / "counters.json", data)
     argv = ["--port", str(port), "--data", str(data), "--no-access-log",
             "--max-listeners-per-ip", "100000", *args]
     code = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); import livecounter; "
@@ -225,12 +225,13 @@ def settle() -> None:
 def increments(workdir: Path, seconds: float, repeats: int) -> dict:
     """1 and 2: wrk POSTs to one counter, livecounter against the floor, durable against default."""
     runs: dict[str, list[float]] = {}
-    for _ in range(repeats):
+    for repeat in range(repeats):
         for loop in ("asyncio", "uvloop"):
             pair = {}
-            for name, start in ((f"floor {loop}", lambda: floor(loop, workdir)),
-                                (f"livecounter {loop}", lambda: livecounter(loop, workdir)),
-                                (f"livecounter {loop} --durable", lambda: livecounter(loop, workdir, "--durable"))):
+            servers = [(f"floor {loop}", lambda: floor(loop, workdir)),
+                       (f"livecounter {loop}", lambda: livecounter(loop, workdir)),
+                       (f"livecounter {loop} --durable", lambda: livecounter(loop, workdir, "--durable"))]
+            for name, start in servers[::1 if repeat % 2 else -1]:  # alternate the order: drift cancels
                 server = start()
                 try:
                     pair[name], _ = wrk(server.url(server.post_path), seconds)
@@ -425,7 +426,7 @@ def main() -> int:
     sizes = {"broadcast": [500] if quick else [5000, 10000], "hot": 500 if quick else 5000,
              "scale": 1000 if quick else 10000, "scale_seconds": 3 if quick else 30,
              "counters": 10_000 if quick else 100_000}
-    seconds, repeats = (1, 1) if quick else (5, 3)
+    seconds, repeats = (1, 1) if quick else (5, 5)
     with tempfile.TemporaryDirectory(prefix="livecounter-bench-") as directory:
         workdir = Path(directory)
         phases = []

@@ -20,7 +20,7 @@ import aiohttp
 import jwt
 import pytest
 
-from test_livecounter import SSE, Server, frame, free_port, read_frame, read_until_value
+from test_livecounter import SSE, Server, data_file, frame, free_port, read_frame, read_until_value  # noqa: F401 (data_file: a fixture)
 
 ROOT = Path(__file__).resolve().parent.parent
 SIG_KEY = "a-sig-key-of-32-bytes-or-more-for-hs256"
@@ -84,13 +84,6 @@ class Pushpin:
 def port_open(port: int) -> bool:
     with socket.socket() as sock:
         return sock.connect_ex(("127.0.0.1", port)) == 0
-
-
-@pytest.fixture
-def data_file(tmp_path):
-    path = tmp_path / "counters.json"
-    shutil.copy(ROOT / "counters.json", path)
-    return path
 
 
 @pytest.fixture
