@@ -459,6 +459,7 @@ class ListenerHub:
         """
         duplicate = socket.socket(fileno=os.dup(transport.get_extra_info("socket").fileno()))
         duplicate.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, LISTENER_SNDBUF)
+        duplicate.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # a frame goes out when written
         listener = Listener(self, (COUNTER_STYLE if multi else MESSAGE_STYLE) + chunked, client)
         try:
             await asyncio.get_running_loop().connect_accepted_socket(lambda: listener, sock=duplicate)
