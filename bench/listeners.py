@@ -1,8 +1,9 @@
 """A process holding N Server-Sent Events streams, for the benchmarks (not for tests).
 
-    python bench/listeners.py HOST PORT PATH N
+    python bench/listeners.py HOST PORT PATH N [WAVE]
 
-Opens N streams (GET PATH, Accept: text/event-stream), prints "ready" once every stream has its
+Opens N streams (GET PATH, Accept: text/event-stream) in waves of WAVE at once (default 100),
+prints "ready" once every stream has its
 first frame, then takes commands on stdin, one per line:
 
     wait V     print the monotonic time at which every stream had seen a value >= V ("time T")
@@ -17,6 +18,7 @@ import re
 import socket
 import sys
 import time
+from collections.abc import Callable
 
 try:
     import uvloop
@@ -29,16 +31,24 @@ LAST_VALUE = re.compile(rb"data: (\d+)\n(?!.*data: \d+\n)", re.S)
 class Stream(asyncio.Protocol):
     def __init__(self, tracker: "Tracker") -> None:
         self.tracker = tracker
+        self.transport: asyncio.BaseTransport | None = None
         self.value = -1
         self.tail = b""  # a frame may be split between reads
         self.opened = False
 
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+
     def data_received(self, data: bytes) -> None:
         buffer = self.tail + data
         self.tail = buffer[-32:]
-        if not self.opened and b"\n\n" in buffer:
-            self.opened = True
-            self.tracker.opened()
+        if not self.opened:
+            if buffer.startswith(b"HTTP/") and not buffer.startswith(b"HTTP/1.1 200"):
+                self.transport.close()  # refused (a proxy's 502 under a burst): retry, as EventSource does
+                return
+            if b"\n\n" in buffer:
+                self.opened = True
+                self.tracker.opened()
         match = LAST_VALUE.search(buffer)
         if match:
             reached_before = self.value >= self.tracker.target
@@ -47,7 +57,11 @@ class Stream(asyncio.Protocol):
                 self.tracker.one_reached()
 
     def connection_lost(self, exc) -> None:
-        self.tracker.lost += 1
+        if self.opened:
+            self.tracker.lost += 1
+        else:
+            self.tracker.streams.remove(self)
+            asyncio.get_running_loop().call_later(0.2, self.tracker.reopen)
 
 
 class Tracker:
@@ -61,6 +75,7 @@ class Tracker:
         self.all_open = asyncio.Event()
         self.all_reached = asyncio.Event()
         self.streams: list[Stream] = []
+        self.reopen: Callable[[], object] = lambda: None  # opens one more stream, in place of a refused one
 
     def opened(self) -> None:
         self.open += 1
@@ -82,7 +97,7 @@ class Tracker:
                 self.one_reached()
 
 
-async def main(host: str, port: int, path: str, count: int) -> None:
+async def main(host: str, port: int, path: str, count: int, wave: int) -> None:
     loop = asyncio.get_running_loop()
     tracker = Tracker(count)
     request = (f"GET {path} HTTP/1.1\r\nHost: {host}\r\nAccept: text/event-stream\r\n\r\n").encode()
@@ -97,8 +112,10 @@ async def main(host: str, port: int, path: str, count: int) -> None:
         transport.write(request)
         transports.append(transport)
 
-    for start in range(0, count, 100):  # in waves, as a crowd arrives, not all in one burst
-        await asyncio.gather(*(open_one() for _ in range(min(100, count - start))))
+    tracker.reopen = lambda: asyncio.ensure_future(open_one())
+
+    for start in range(0, count, wave):  # in waves, as a crowd arrives, not all in one burst
+        await asyncio.gather(*(open_one() for _ in range(min(wave, count - start))))
     await asyncio.wait_for(tracker.all_open.wait(), 120)
     print("ready", flush=True)
     reader = asyncio.StreamReader()
@@ -119,4 +136,5 @@ async def main(host: str, port: int, path: str, count: int) -> None:
 
 if __name__ == "__main__":
     host, port, path, count = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
-    (uvloop.run if uvloop else asyncio.run)(main(host, port, path, count))
+    wave = int(sys.argv[5]) if len(sys.argv) > 5 else 100
+    (uvloop.run if uvloop else asyncio.run)(main(host, port, path, count, wave))

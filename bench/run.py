@@ -185,12 +185,12 @@ def post(url: str, body: bytes = b"") -> bytes:
 class Listeners:
     """count streams held by bench/listeners.py processes."""
 
-    def __init__(self, server: Server, count: int, path: str | None = None) -> None:
+    def __init__(self, server: Server, count: int, path: str | None = None, wave: int = 100) -> None:
         self.count = count
         sizes = [min(LISTENERS_PER_PROCESS, count - start) for start in range(0, count, LISTENERS_PER_PROCESS)]
         self.processes = [
             subprocess.Popen([PYTHON, str(BENCH / "listeners.py"), "127.0.0.1", str(server.port),
-                              path or server.stream_path, str(size)],
+                              path or server.stream_path, str(size), str(wave)],
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
             for size in sizes]
         for process in self.processes:

@@ -1,0 +1,93 @@
+"""What Pushpin costs: listeners through a private Pushpin against direct ones, side by side.
+
+    python bench/pushpin.py [N]        # N listeners each way (default 1000)
+
+livecounter (uvloop, with --grip-url) behind a private Pushpin built from deploy/pushpin/ (the
+same one tests/test_pushpin.py runs). N listeners connect straight to livecounter, then N through
+Pushpin; for each, ten single increments: time until the last listener has the value, server CPU
+per change (livecounter's, and all of Pushpin's processes'), and RSS per listener. Needs pushpin
+(apt-get install pushpin) besides what bench/run.py needs. Through Pushpin, connect in waves: a
+private Pushpin answers 502 to about a hundred first requests at once.
+"""
+
+import asyncio
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+sys.path[:0] = [str(BENCH), str(BENCH.parent / "tests"), str(BENCH.parent)]
+
+import run  # noqa: E402  (bench/run.py)
+from test_pushpin import Pushpin  # noqa: E402
+
+
+def processes_of(directory: Path, exclude: int) -> list[int]:
+    """Pushpin's processes: the ones started with this instance's files."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if int(pid) != exclude and str(directory).encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+                found.append(int(pid))
+        except OSError:
+            pass
+    return found
+
+
+async def main(count: int) -> None:
+    if shutil.which("pushpin") is None or run.missing_tools():
+        print("bench/pushpin.py needs pushpin (apt-get install pushpin) and what bench/run.py needs",
+              file=sys.stderr)
+        sys.exit(2)
+    with tempfile.TemporaryDirectory(prefix="livecounter-pushpin-") as directory:
+        workdir = Path(directory)
+        port = run.free_port()
+        (workdir / "pushpin").mkdir()
+        pushpin = await Pushpin(workdir / "pushpin", port).start()
+        data = workdir / "counters.json"
+        shutil.copy(run.ROOT / "counters.json", data)
+        server = run.Server("livecounter", [run.PYTHON, str(run.ROOT / "livecounter.py"), "--port", str(port),
+                                            "--data", str(data), "--no-access-log", "--max-listeners-per-ip",
+                                            "100000", "--grip-url", pushpin.grip_url],
+                            port, "livecounter serving", workdir, "/counters/1/", "/counters/1/")
+        try:
+            pushpin_pids = processes_of(workdir / "pushpin", exclude=server.process.pid)
+            value, rows = 0, []
+            for label, listen_port, wave in (("direct", port, 100), ("through Pushpin", pushpin.http_port, 20)):
+                target = type("Target", (), {"port": listen_port, "stream_path": "/counters/1/"})
+                rss = (run.rss_kib(server.cpu_pid), sum(map(run.rss_kib, pushpin_pids)))
+                listeners = run.Listeners(target, count, wave=wave)
+                time.sleep(1)
+                rss = ((run.rss_kib(server.cpu_pid) - rss[0]) / count,
+                       (sum(map(run.rss_kib, pushpin_pids)) - rss[1]) / count)
+                delivery, origin_cpu, proxy_cpu = [], [], []
+                for _ in range(10):
+                    value += 1
+                    before = (run.cpu_seconds(server.cpu_pid), sum(map(run.cpu_seconds, pushpin_pids)))
+                    sent = time.monotonic()
+                    run.post(server.url("/counters/1/"))
+                    delivery.append(listeners.all_have(value) - sent)
+                    origin_cpu.append(run.cpu_seconds(server.cpu_pid) - before[0])
+                    proxy_cpu.append(sum(map(run.cpu_seconds, pushpin_pids)) - before[1])
+                    time.sleep(0.05 + 4 * max(origin_cpu[-1], proxy_cpu[-1]))
+                listeners.close()
+                rows.append(f"| {label} | {1000 * statistics.median(delivery):.0f} ms | "
+                            f"{1000 * statistics.median(origin_cpu):.1f} ms | {1000 * statistics.median(proxy_cpu):.1f} ms | "
+                            f"{rss[0]:.1f} KiB | {rss[1]:.1f} KiB |")
+        finally:
+            server.stop()
+            await pushpin.stop()
+            pushpin.kill()
+    print(f"{count:,} listeners, one change at a time, on {run.machine()}:\n")
+    print("| listeners | time to the last | livecounter CPU per change | Pushpin CPU per change "
+          "| livecounter RSS per listener | Pushpin RSS per listener |")
+    print("|---|---|---|---|---|---|")
+    print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    asyncio.run(main(int(sys.argv[1]) if len(sys.argv) > 1 else 1000))
