@@ -1243,8 +1243,8 @@ async def run_background_work(app: web.Application):
 
 
 async def end_streams(app: web.Application) -> None:
-    # aiohttp waits for running handlers before cleanup; streams must end first, or it waits
-    # shutdown_timeout for clients that may have vanished long ago.
+    # Streams are the hub's connections, not aiohttp's: they end (last chunk, close) as soon as
+    # shutdown begins, and no stream is taken after that, whatever aiohttp still waits for.
     app[HUB].close()
 
 
