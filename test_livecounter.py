@@ -18,7 +18,6 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-import livecounter
 from livecounter import create_app
 
 HERE = Path(__file__).parent
