@@ -712,7 +712,7 @@ def grip_sig_valid(signature: str, key: str | None) -> bool:
 SETTINGS = web.AppKey("settings", Settings)
 STORE = web.AppKey("store", CounterStore)
 HUB = web.AppKey("hub", ListenerHub)
-GRIP = web.AppKey("grip", GripPublisher)  # absent without --grip-url
+GRIP = web.AppKey("grip", GripPublisher | None)  # None without --grip-url
 
 MAX_BODY_BYTES = 1024  # an increment needs no body; this admits the small forms some clients send
 BODY_TIMEOUT = 10  # seconds for a body of at most MAX_BODY_BYTES to arrive
@@ -750,7 +750,7 @@ class RateLimiter:
                          if tokens + (now - counted) * self._rate < self._burst}
 
 
-POST_RATE = web.AppKey("post_rate", RateLimiter)  # absent without --post-rate
+POST_RATE = web.AppKey("post_rate", RateLimiter | None)  # None without --post-rate
 
 
 def client_address(request: web.Request) -> str:
@@ -782,10 +782,13 @@ def preferred_format(request: web.Request) -> str:
 
 
 def value_response(counter_id: str, value: int, media_type: str = PLAIN_TEXT) -> web.Response:
-    headers = {"Cache-Control": "no-cache"}
     if media_type == "application/json":
-        return web.json_response({"id": counter_id, "value": value}, headers=headers)
-    return web.Response(text=f"{value}\n", content_type=PLAIN_TEXT, headers=headers)
+        return web.json_response({"id": counter_id, "value": value}, headers={"Cache-Control": "no-cache"})
+    # Every increment's answer: bytes and ready headers, no text to encode or type to parse.
+    return web.Response(body=b"%d\n" % value, headers=VALUE_HEADERS)
+
+
+VALUE_HEADERS = {"Content-Type": "text/plain; charset=utf-8", "Cache-Control": "no-cache"}
 
 
 def retry_later(status: type[web.HTTPException], reason: str, seconds: float) -> web.HTTPException:
@@ -834,7 +837,7 @@ async def stream(request: web.Request, counter_ids: list[str], *, multi: bool) -
     if request.method == "HEAD":
         return web.Response(headers=SSE_HEADERS)
     signature = request.headers.get("Grip-Sig")
-    if signature and GRIP in request.app and grip_sig_valid(signature, request.app[SETTINGS].grip_key):
+    if signature and request.app[GRIP] and grip_sig_valid(signature, request.app[SETTINGS].grip_key):
         return held_by_pushpin(request, counter_ids, multi)
     hub = request.app[HUB]
     client = client_address(request)
@@ -872,7 +875,7 @@ def held_by_pushpin(request: web.Request, counter_ids: list[str], multi: bool) -
 async def increment_counter(request: web.Request) -> web.Response:
     counter_id = counter_id_of(request, must_exist=False)
     await read_body(request)
-    limiter = request.app.get(POST_RATE)
+    limiter = request.app[POST_RATE]
     if limiter is not None and (wait := limiter.retry_after(client_address(request))):
         raise retry_later(web.HTTPTooManyRequests, "too many increments from this address", wait)
     store = request.app[STORE]
@@ -898,7 +901,8 @@ def refuse_while_saves_fail(store: CounterStore) -> None:
 
 async def commit(request: web.Request, counter_id: str) -> None:
     """A change was made: in durable mode wait until it is on disk, then tell the listeners."""
-    store = request.app[STORE]
+    app = request.app
+    store = app[STORE]
     if store.durable:
         try:
             await store.persisted()
@@ -906,11 +910,11 @@ async def commit(request: web.Request, counter_id: str) -> None:
             raise retry_later(web.HTTPServiceUnavailable, str(failure), LAST_RETRY_DELAY) from None
     value = store.value(counter_id) if counter_id in store else None
     if value is None:
-        request.app[HUB].drop(counter_id)
+        app[HUB].drop(counter_id)
     else:
-        request.app[HUB].publish(counter_id, value)
-    if GRIP in request.app:
-        request.app[GRIP].publish(counter_id, value)
+        app[HUB].publish(counter_id, value)
+    if app[GRIP] is not None:
+        app[GRIP].publish(counter_id, value)
 
 
 def require_admin(request: web.Request) -> None:
@@ -979,7 +983,7 @@ async def list_counters(request: web.Request) -> web.StreamResponse:
 
 async def health(request: web.Request) -> web.Response:
     """ok, or 503 with what fails: saving the data file, or publishing to Pushpin."""
-    problems = [request.app[STORE].save_error, GRIP in request.app and request.app[GRIP].error]
+    problems = [request.app[STORE].save_error, request.app[GRIP] and request.app[GRIP].error]
     if any(problems):
         return web.Response(status=503, text="; ".join(filter(None, problems)) + "\n")
     return web.Response(text="ok\n")
@@ -1002,8 +1006,7 @@ async def metrics(request: web.Request) -> web.Response:
          store.last_saved_at),
         ("saves_failing", "gauge", "1 while saves fail (see /healthz), else 0.", int(store.save_error is not None)),
     ]
-    if GRIP in request.app:
-        grip = request.app[GRIP]
+    if (grip := request.app[GRIP]) is not None:
         samples += [
             ("grip_publishes_total", "counter", "Publish requests Pushpin accepted.", grip.published),
             ("grip_publish_errors_total", "counter", "Publish requests that failed.", grip.failures),
@@ -1205,10 +1208,9 @@ def create_app(data_path: str | os.PathLike[str] = Settings.data_path, **options
         keepalive_interval=settings.keepalive_interval, stall_timeout=settings.stall_timeout,
         max_listeners=settings.max_listeners or default_max_listeners(),
         max_listeners_per_client=settings.max_listeners_per_ip)
-    if settings.grip_urls:
-        app[GRIP] = GripPublisher(settings.grip_urls)
-    if settings.post_rate:
-        app[POST_RATE] = RateLimiter(settings.post_rate, burst=max(1.0, 2 * settings.post_rate))
+    app[GRIP] = GripPublisher(settings.grip_urls) if settings.grip_urls else None
+    app[POST_RATE] = (RateLimiter(settings.post_rate, burst=max(1.0, 2 * settings.post_rate))
+                      if settings.post_rate else None)
     for path in ("/counters/{counter_id}/", "/counters/{counter_id}"):
         resource = app.router.add_resource(path)
         resource.add_route("GET", get_counter)
@@ -1233,7 +1235,7 @@ def create_app(data_path: str | os.PathLike[str] = Settings.data_path, **options
 async def run_background_work(app: web.Application):
     """Saves and sweeps while the app runs; the final save after every stream and request has ended."""
     tasks = [asyncio.create_task(app[STORE].run_saves()), asyncio.create_task(app[HUB].run_sweeps())]
-    if GRIP in app:
+    if app[GRIP] is not None:
         tasks.append(asyncio.create_task(app[GRIP].run()))
     yield
     for task in tasks:
