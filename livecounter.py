@@ -839,6 +839,10 @@ async def stream(request: web.Request, counter_ids: list[str], *, multi: bool) -
     signature = request.headers.get("Grip-Sig")
     if signature and request.app[GRIP] and grip_sig_valid(signature, request.app[SETTINGS].grip_key):
         return held_by_pushpin(request, counter_ids, multi)
+    if request.transport is not None and request.transport.get_extra_info("sslcontext") is not None:
+        # The hub writes to the socket itself (see take_over), which TLS can't allow.
+        raise retry_later(web.HTTPServiceUnavailable, "event streams need plain HTTP here: "
+                          "terminate TLS in a proxy in front of livecounter", 3600)
     hub = request.app[HUB]
     client = client_address(request)
     if reason := hub.refusal():

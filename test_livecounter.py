@@ -630,6 +630,24 @@ async def test_it_mounts_as_a_sub_app(aiohttp_client, data_file):
     assert (await client.get("/counters/3/")).status == 404
 
 
+async def test_over_tls_streams_are_refused_with_the_reason(aiohttp_server, aiohttp_client, data_file, tmp_path):
+    # A sub-app inside an app that serves HTTPS itself: values work, streams say what to do.
+    import ssl
+    import subprocess
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost",
+                    "-days", "1", "-keyout", str(tmp_path / "key.pem"), "-out", str(tmp_path / "cert.pem")],
+                   check=True, capture_output=True)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(tmp_path / "cert.pem", tmp_path / "key.pem")
+    server = await aiohttp_server(create_app(data_file), ssl=context)
+    async with aiohttp.ClientSession() as session:
+        url = f"https://127.0.0.1:{server.port}/counters/1/"
+        assert await (await session.post(url, ssl=False)).text() == "1\n"
+        refused = await session.get(url, headers=SSE, ssl=False)
+        assert refused.status == 503
+        assert "terminate TLS in a proxy" in await refused.text()
+
+
 # --- persistence, in process -----------------------------------------------------------------------
 
 async def test_changes_are_written_behind_within_the_save_interval(make_client, data_file):
