@@ -799,7 +799,7 @@ async def read_body(request: web.Request) -> bytes:
     """The request body: 413 past MAX_BODY_BYTES (declared or, if chunked, received), 408 if it
     doesn't arrive within BODY_TIMEOUT (a client must not hold a handler by sending slowly)."""
     if not request.body_exists:
-        return b""  # the usual increment: no timer, no read
+        return b""
     if (request.content_length or 0) > MAX_BODY_BYTES:
         raise body_too_large()
     body = b""
@@ -877,12 +877,14 @@ def held_by_pushpin(request: web.Request, counter_ids: list[str], multi: bool) -
 
 
 async def increment_counter(request: web.Request) -> web.Response:
+    # The hot path: everything here runs for every increment, so the default mode awaits nothing.
+    app = request.app
     counter_id = counter_id_of(request, must_exist=False)
-    await read_body(request)
-    limiter = request.app[POST_RATE]
-    if limiter is not None and (wait := limiter.retry_after(client_address(request))):
+    if request.body_exists:
+        await read_body(request)
+    if app[POST_RATE] is not None and (wait := app[POST_RATE].retry_after(client_address(request))):
         raise retry_later(web.HTTPTooManyRequests, "too many increments from this address", wait)
-    store = request.app[STORE]
+    store = app[STORE]
     refuse_while_saves_fail(store)
     try:
         value = store.increment(counter_id)
@@ -893,7 +895,9 @@ async def increment_counter(request: web.Request) -> web.Response:
                                      f"counters is reached\n") from None
     except OverflowError:
         raise web.HTTPConflict(text=f"counter {counter_id!r} is at its maximum, {MAX_VALUE}\n") from None
-    await commit(request, counter_id)
+    if store.durable:
+        await made_durable(store)
+    announce(app, counter_id)
     return value_response(counter_id, value)
 
 
@@ -903,15 +907,17 @@ def refuse_while_saves_fail(store: CounterStore) -> None:
         raise retry_later(web.HTTPServiceUnavailable, store.save_error, LAST_RETRY_DELAY)
 
 
-async def commit(request: web.Request, counter_id: str) -> None:
-    """A change was made: in durable mode wait until it is on disk, then tell the listeners."""
-    app = request.app
+async def made_durable(store: CounterStore) -> None:
+    """Durable mode: wait until the change is on disk; 503 with the reason if the save fails."""
+    try:
+        await store.persisted()
+    except SaveFailed as failure:
+        raise retry_later(web.HTTPServiceUnavailable, str(failure), LAST_RETRY_DELAY) from None
+
+
+def announce(app: web.Application, counter_id: str) -> None:
+    """Tell the counter's listeners, here and on Pushpin, its value now (or that it is gone)."""
     store = app[STORE]
-    if store.durable:
-        try:
-            await store.persisted()
-        except SaveFailed as failure:
-            raise retry_later(web.HTTPServiceUnavailable, str(failure), LAST_RETRY_DELAY) from None
     value = store.value(counter_id) if counter_id in store else None
     if value is None:
         app[HUB].drop(counter_id)
@@ -946,7 +952,9 @@ async def set_counter(request: web.Request) -> web.Response:
     store = request.app[STORE]
     refuse_while_saves_fail(store)
     store.set(counter_id, value)
-    await commit(request, counter_id)
+    if store.durable:
+        await made_durable(store)
+    announce(request.app, counter_id)
     return value_response(counter_id, value)
 
 
@@ -960,7 +968,9 @@ async def delete_counter(request: web.Request) -> web.Response:
         store.delete(counter_id)
     except KeyError:
         raise web.HTTPNotFound(text=f"unknown counter {counter_id!r}\n") from None
-    await commit(request, counter_id)
+    if store.durable:
+        await made_durable(store)
+    announce(request.app, counter_id)
     return web.Response(status=204)
 
 
