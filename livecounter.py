@@ -130,10 +130,11 @@ def load_counters(path: Path) -> dict[str, int]:
 
 
 def _refuse_duplicate_ids(pairs: list[tuple[str, object]]) -> dict[str, object]:
-    result = dict(pairs)
-    if len(result) != len(pairs):
-        duplicate = next(key for i, (key, _) in enumerate(pairs) if key in dict(pairs[:i]))
-        raise ValueError(f"counter {duplicate!r} appears twice")
+    result: dict[str, object] = {}
+    for key, value in pairs:
+        if key in result:
+            raise ValueError(f"counter {key!r} appears twice")
+        result[key] = value
     return result
 
 
