@@ -671,12 +671,13 @@ class GripPublisher:
 
     def _failed(self, target: PushpinTarget, error: Exception) -> None:
         self.failures += 1
+        reason = str(error) or type(error).__name__  # a timeout's message is empty
         if target.error is None:
-            log.error("publishing to %s failed, will retry: %s", target.publish_url, error or "timeout")
+            log.error("publishing to %s failed, will retry: %s", target.publish_url, reason)
             target.retry_delay = FIRST_RETRY_DELAY
         else:
             target.retry_delay = min(2 * target.retry_delay, LAST_RETRY_DELAY)
-        target.error = f"publishing to {target.publish_url} failed: {error or 'timeout'}"
+        target.error = f"publishing to {target.publish_url} failed: {reason}"
 
 
 def publish_items(batch: dict[str, int | None]) -> list[dict[str, object]]:
