@@ -365,6 +365,15 @@ def frames(counter_id: str, value: int) -> Frames:
     return message, chunk(message), counter, chunk(counter)
 
 
+def stream_style(*, multi: bool, chunked: bool) -> int:
+    return (COUNTER_STYLE if multi else MESSAGE_STYLE) + chunked
+
+
+def encode_values(values: dict[str, int], style: int) -> bytes:
+    """These counters' values as frames of one style: a stream's first frames, or a catch-up."""
+    return b"".join(frames(counter_id, value)[style] for counter_id, value in values.items())
+
+
 KEEPALIVE = b":\n\n"
 KEEPALIVE_FRAMES: Frames = (KEEPALIVE, chunk(KEEPALIVE)) * 2
 
@@ -461,7 +470,7 @@ class ListenerHub:
         duplicate = socket.socket(fileno=os.dup(transport.get_extra_info("socket").fileno()))
         duplicate.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, LISTENER_SNDBUF)
         duplicate.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # a frame goes out when written
-        listener = Listener(self, (COUNTER_STYLE if multi else MESSAGE_STYLE) + chunked, client)
+        listener = Listener(self, stream_style(multi=multi, chunked=chunked), client)
         try:
             await asyncio.get_running_loop().connect_accepted_socket(lambda: listener, sock=duplicate)
             while transport.get_write_buffer_size():  # aiohttp's bytes go out before any of ours
@@ -492,8 +501,8 @@ class ListenerHub:
 
     def _latest(self, listener: Listener, channels: list[Channel] | None = None) -> bytes:
         """What its channels (or some of them) have sent, as its style of frames."""
-        return b"".join(frames(channel.counter_id, channel.sent)[listener.style]
-                        for channel in channels or listener.channels)
+        return encode_values({channel.counter_id: channel.sent for channel in channels or listener.channels},
+                             listener.style)
 
     def unsubscribe(self, listener: Listener) -> None:
         if not listener.channels:
@@ -783,14 +792,14 @@ def preferred_format(request: web.Request) -> str:
     return PLAIN_TEXT
 
 
+VALUE_HEADERS = {"Content-Type": "text/plain; charset=utf-8", "Cache-Control": "no-cache"}
+
+
 def value_response(counter_id: str, value: int, media_type: str = PLAIN_TEXT) -> web.Response:
     if media_type == "application/json":
         return web.json_response({"id": counter_id, "value": value}, headers={"Cache-Control": "no-cache"})
     # Every increment's answer: bytes and ready headers, no text to encode or type to parse.
     return web.Response(body=b"%d\n" % value, headers=VALUE_HEADERS)
-
-
-VALUE_HEADERS = {"Content-Type": "text/plain; charset=utf-8", "Cache-Control": "no-cache"}
 
 
 def retry_later(status: type[web.HTTPException], reason: str, seconds: float) -> web.HTTPException:
@@ -855,9 +864,8 @@ async def stream(request: web.Request, counter_ids: list[str], *, multi: bool) -
     await response.prepare(request)  # aiohttp chunks it for HTTP/1.1, as chunked= says below
     store = request.app[STORE]
     sent = {counter_id: store.value(counter_id) for counter_id in counter_ids}
-    style = COUNTER_STYLE if multi else MESSAGE_STYLE
-    try:  # the headers and the first frames, in one packet
-        await response.write(b"".join(frames(counter_id, value)[style] for counter_id, value in sent.items()))
+    try:  # the headers and the first frames, in one packet (aiohttp does the chunking)
+        await response.write(encode_values(sent, stream_style(multi=multi, chunked=False)))
     except ConnectionError:
         return response  # the client left already
     if request.transport is not None:
@@ -869,10 +877,10 @@ async def stream(request: web.Request, counter_ids: list[str], *, multi: bool) -
 def held_by_pushpin(request: web.Request, counter_ids: list[str], multi: bool) -> web.Response:
     """The first frames, and the instructions for Pushpin to hold the stream on the counters' channels."""
     store = request.app[STORE]
-    style = COUNTER_STYLE if multi else MESSAGE_STYLE
     keepalive = max(1, round(request.app[SETTINGS].keepalive_interval))
     return web.Response(
-        body=b"".join(frames(counter_id, store.value(counter_id))[style] for counter_id in counter_ids),
+        body=encode_values({counter_id: store.value(counter_id) for counter_id in counter_ids},
+                           stream_style(multi=multi, chunked=False)),
         headers={**SSE_HEADERS, "Grip-Hold": "stream",
                  "Grip-Channel": ", ".join(grip_channel(counter_id, multi) for counter_id in counter_ids),
                  "Grip-Keep-Alive": f":\\n\\n; format=cstring; timeout={keepalive}"})
