@@ -170,8 +170,31 @@ class SaveFailed(Exception):
     """Durable mode: the save that would have made a change durable failed; the message says why."""
 
 
-FIRST_RETRY_DELAY = 0.1  # seconds before the first retry of a failed save; doubles up to the last
-LAST_RETRY_DELAY = 5.0
+FIRST_RETRY_DELAY = 0.1  # seconds before the first retry of a failed save or publish; doubles
+LAST_RETRY_DELAY = 5.0  # up to this
+
+
+class Outage:
+    """Whether something the server keeps doing (saving, publishing) fails, and why: logged once
+    per outage, with the delay before the next try doubling while it lasts."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.error: str | None = None  # why it failed last; None while it works
+        self.retry_delay = FIRST_RETRY_DELAY
+
+    def failed(self, reason: str) -> None:
+        if self.error is None:
+            log.error("%s failed, will retry: %s", self.what, reason)
+            self.retry_delay = FIRST_RETRY_DELAY
+        else:
+            self.retry_delay = min(2 * self.retry_delay, LAST_RETRY_DELAY)
+        self.error = f"{self.what} failed: {reason}"
+
+    def succeeded(self) -> None:
+        if self.error is not None:
+            log.info("%s works again", self.what)
+            self.error = None
 
 
 class CounterStore:
@@ -192,14 +215,18 @@ class CounterStore:
             self._unsaved.set()  # the first save creates it
         self._waiting: list[asyncio.Future[None]] = []  # durable changes the next save acknowledges
         self._one_save_at_a_time = asyncio.Lock()
-        self._retry_delay = FIRST_RETRY_DELAY
-        self.save_error: str | None = None  # why the last save failed; None while saves work
+        self._saving = Outage(f"saving {path}")
         # For /metrics:
         self.increments = 0
         self.saves = 0
         self.save_failures = 0
         self.last_save_seconds = 0.0  # how long the last save took, failed or not
         self.last_saved_at = 0.0  # wall-clock time of the last successful save
+
+    @property
+    def save_error(self) -> str | None:
+        """Why the last save failed; None while saves work."""
+        return self._saving.error
 
     def __contains__(self, counter_id: str) -> bool:
         return counter_id in self._values
@@ -262,7 +289,7 @@ class CounterStore:
         while True:
             await self._unsaved.wait()
             if self.save_error is not None:
-                await asyncio.sleep(max(self._retry_delay, 0 if self.durable else self._save_interval))
+                await asyncio.sleep(max(self._saving.retry_delay, 0 if self.durable else self._save_interval))
             elif not self.durable:
                 await asyncio.sleep(self._save_interval)
             await self.save()
@@ -297,12 +324,7 @@ class CounterStore:
 
     def _save_failed(self, error: OSError, waiting: list[asyncio.Future[None]]) -> None:
         self._unsaved.set()
-        if self.save_error is None:
-            log.error("saving %s failed, will retry: %s", self.path, error)
-            self._retry_delay = FIRST_RETRY_DELAY
-        else:
-            self._retry_delay = min(2 * self._retry_delay, LAST_RETRY_DELAY)
-        self.save_error = f"saving {self.path} failed: {error.strerror or error}"
+        self._saving.failed(error.strerror or str(error))
         self.save_failures += 1
         for waiter in waiting:
             if not waiter.done():
@@ -310,9 +332,7 @@ class CounterStore:
 
     def _save_succeeded(self, waiting: list[asyncio.Future[None]]) -> None:
         self.last_saved_at = time.time()
-        if self.save_error is not None:
-            log.info("saving %s works again", self.path)
-            self.save_error = None
+        self._saving.succeeded()
         if not self._file_exists:
             log.info("created %s", self.path)
             self._file_exists = True
@@ -627,8 +647,7 @@ class PushpinTarget:
         self.publish_url = url.rstrip("/") + "/publish/"
         self.unpublished: dict[str, int | None] = {}  # counter -> latest value; None: deleted
         self.wakeup = asyncio.Event()
-        self.error: str | None = None
-        self.retry_delay = FIRST_RETRY_DELAY
+        self.publishing = Outage(f"publishing to {self.publish_url}")
 
 
 class GripPublisher:
@@ -640,7 +659,7 @@ class GripPublisher:
     @property
     def error(self) -> str | None:
         """Why publishing fails, for /healthz; None while it works."""
-        return "; ".join(target.error for target in self._targets if target.error) or None
+        return "; ".join(target.publishing.error for target in self._targets if target.publishing.error) or None
 
     def publish(self, counter_id: str, value: int | None) -> None:
         """Queue a counter's latest value (None: it was deleted) for every Pushpin; never waits."""
@@ -667,26 +686,15 @@ class GripPublisher:
             except (aiohttp.ClientError, TimeoutError) as error:
                 for counter_id, value in batch.items():
                     target.unpublished.setdefault(counter_id, value)  # unless superseded meanwhile
-                self._failed(target, error)
-                await asyncio.sleep(target.retry_delay)
+                self.failures += 1
+                target.publishing.failed(str(error) or type(error).__name__)  # a timeout's message is empty
+                await asyncio.sleep(target.publishing.retry_delay)
                 target.wakeup.set()
                 continue
             self.published += 1
-            if target.error is not None:
-                log.info("publishing to %s works again", target.publish_url)
-                target.error = None
+            target.publishing.succeeded()
             if target.unpublished:
                 target.wakeup.set()
-
-    def _failed(self, target: PushpinTarget, error: Exception) -> None:
-        self.failures += 1
-        reason = str(error) or type(error).__name__  # a timeout's message is empty
-        if target.error is None:
-            log.error("publishing to %s failed, will retry: %s", target.publish_url, reason)
-            target.retry_delay = FIRST_RETRY_DELAY
-        else:
-            target.retry_delay = min(2 * target.retry_delay, LAST_RETRY_DELAY)
-        target.error = f"publishing to {target.publish_url} failed: {reason}"
 
 
 def publish_items(batch: dict[str, int | None]) -> list[dict[str, object]]:
