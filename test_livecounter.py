@@ -384,6 +384,8 @@ async def test_a_wrong_method_gets_405_with_allow(client):
         assert set(response.headers["Allow"].split(",")) == {"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS"}
     response = await client.post("/counters/")
     assert response.status == 405
+    assert set(response.headers["Allow"].split(",")) == {"GET", "HEAD", "OPTIONS"}
+    assert await response.text() == "POST is not allowed here: GET, HEAD, OPTIONS\n"
 
 
 async def test_an_oversized_body_gets_413(client):
@@ -543,11 +545,26 @@ async def test_every_response_allows_any_origin_by_default(client):
         await client.get("/counters/nope/", headers=origin),
         await client.get("/counters/a b/", headers=origin),
         await client.patch("/counters/1/", headers=origin),
+        await client.post("/counters/", headers=origin),
+        await client.post("/counters/1/", data=b"x" * 5000, headers=origin),
+        await client.delete("/counters/1/", headers=origin),
+        await client.get("/counters/?ids=1,nope", headers={**origin, **SSE}),
+        await client.get("/no/such/path", headers=origin),
+        await client.head("/counters/1/", headers={**origin, **SSE}),
         await client.get("/healthz", headers=origin),
+        await client.get("/metrics", headers=origin),
+        await client.get("/", headers=origin),
         await client.get("/counters/1/", headers={**origin, **SSE}),
     ]
     for response in responses:
         assert response.headers["Access-Control-Allow-Origin"] == "*", response
+
+
+async def test_an_unknown_path_gets_404_with_a_reason(client):
+    for method in ("GET", "POST", "OPTIONS"):
+        response = await client.request(method, "/nope/")
+        assert response.status == 404
+        assert await response.text() == "no such path: the counters are at counters/\n"
 
 
 async def test_preflight_is_answered(client):
@@ -565,8 +582,11 @@ async def test_preflight_is_answered(client):
 
 async def test_cors_origin_restricts(make_client):
     client = await make_client(cors_origin="https://mine.example")
-    response = await client.post("/counters/1/", headers={"Origin": "https://other.example"})
-    assert response.headers["Access-Control-Allow-Origin"] == "https://mine.example"
+    origin = {"Origin": "https://other.example"}
+    for response in (await client.post("/counters/1/", headers=origin),
+                     await client.get("/counters/nope/", headers=origin),
+                     await client.get("/counters/1/", headers={**origin, **SSE})):
+        assert response.headers["Access-Control-Allow-Origin"] == "https://mine.example"
 
 
 # --- pages and operator endpoints -------------------------------------------------------------------
