@@ -23,8 +23,8 @@ import run  # bench/run.py: the same servers and wrk as the benchmarks
 # What each sampled stack of the server's main thread is counted as: the first part with a frame
 # (a function name, or a file for livecounter's own code) above run_app, checked in this order.
 PARTS = (
-    ("the CORS header (on_response_prepare signal)", ("Request._prepare_hook",)),
-    ("the handler: livecounter.py (its own code, and the web.Response it makes)", ("livecounter.py",)),
+    ("the handler: livecounter.py (its checks, count, save and fan-out bookkeeping, CORS, and the "
+     "web.Response it makes)", ("livecounter.py",)),
     ("the handler: the floor's constant answer", ("constant (",)),
     ("sending the answer (transport.write: the kernel's TCP send)", ("StreamWriter._writelines",)),
     ("the rest of aiohttp's request cycle (parse, route, headers)", ("RequestHandler.",)),

@@ -260,6 +260,34 @@ def increments(workdir: Path, seconds: float, sessions: int, rounds: int) -> dic
         f"spread {name}": (min(values), max(values)) for name, values in runs.items() if name.startswith("ratio")}
 
 
+def cpu_per_post(workdir: Path, seconds: float, rounds: int) -> dict:
+    """1, seen as cost: server CPU per POST, livecounter and the floor loaded at the same time (one wrk
+    each), so both see the same machine in the same seconds; floor's cost / livecounter's."""
+    runs: dict[str, list[float]] = {}
+    for loop in ("asyncio", "uvloop"):
+        servers = {"floor": floor(loop, workdir), "livecounter": livecounter(loop, workdir)}
+        try:
+            for server in servers.values():
+                wrk(server.url(server.post_path), 1)  # warm-up
+            for _ in range(rounds):
+                cpu_before = {name: cpu_seconds(server.cpu_pid) for name, server in servers.items()}
+                loads = {name: subprocess.Popen(
+                    ["wrk", "-t1", "-c50", f"-d{seconds}s", "-s", str(BENCH / "post.lua"), server.url(server.post_path)],
+                    stdout=subprocess.PIPE, text=True) for name, server in servers.items()}
+                posts = {name: int(re.search(r"(\d+) requests in", load.communicate()[0]).group(1))
+                         for name, load in loads.items()}
+                micros = {name: 1e6 * (cpu_seconds(server.cpu_pid) - cpu_before[name]) / posts[name]
+                          for name, server in servers.items()}
+                runs.setdefault(f"floor {loop}", []).append(micros["floor"])
+                runs.setdefault(f"livecounter {loop}", []).append(micros["livecounter"])
+                runs.setdefault(f"ratio {loop}", []).append(micros["floor"] / micros["livecounter"])
+        finally:
+            for server in servers.values():
+                server.stop()
+    return {name: statistics.median(values) for name, values in runs.items()} | {
+        f"spread {name}": (min(values), max(values)) for name, values in runs.items() if name.startswith("ratio")}
+
+
 def broadcast_and_memory(workdir: Path, count: int, repeats: int) -> dict:
     """3 and 4: one increment to `count` idle listeners: server CPU, time to the last, RSS each."""
     results = {}
@@ -385,7 +413,7 @@ def spread(results: dict, ratio: str) -> str:
     return f" (pairs: {low:.2f}–{high:.2f})"
 
 
-def report(quick: bool, inc: dict, broadcasts: dict, hot: dict, scaled: dict, many: dict,
+def report(quick: bool, inc: dict, cost: dict, broadcasts: dict, hot: dict, scaled: dict, many: dict,
            sizes: dict) -> str:
     lines = [f"Machine: {machine()}. {'Quick smoke run: figures are not meaningful.' if quick else ''}",
              "", "| # | measurement | result | target |", "|---|---|---|---|"]
@@ -398,6 +426,10 @@ def report(quick: bool, inc: dict, broadcasts: dict, hot: dict, scaled: dict, ma
             f"{inc[f'livecounter {loop}']:,.0f} vs {inc[f'floor {loop}']:,.0f}: "
             f"**{inc[f'ratio livecounter/floor {loop}']:.2f}×**{spread(inc, f'ratio livecounter/floor {loop}')}",
             "≥ 0.9×")
+    for loop in ("asyncio", "uvloop"):
+        row("1", f"server CPU per POST, {loop}, both loaded at once: floor vs livecounter",
+            f"{cost[f'floor {loop}']:.0f} µs vs {cost[f'livecounter {loop}']:.0f} µs: "
+            f"**{cost[f'ratio {loop}']:.2f}×**{spread(cost, f'ratio {loop}')}", "≥ 0.9×")
     for loop in ("asyncio", "uvloop"):
         row("2", f"POSTs/s, {loop}: `--durable` vs default",
             f"{inc[f'livecounter {loop} --durable']:,.0f} vs {inc[f'livecounter {loop}']:,.0f}: "
@@ -457,12 +489,13 @@ def main() -> int:
             return result
 
         inc = phase("increments", lambda: increments(workdir, burst, sessions, rounds))
+        cost = phase("CPU per POST", lambda: cpu_per_post(workdir, burst + 1, rounds + 2))
         broadcasts = {count: phase(f"broadcast to {count}", lambda: broadcast_and_memory(workdir, count, 10))
                       for count in sizes["broadcast"]}
         hot = phase("hot counter", lambda: hot_counter(workdir, sizes["hot"], seconds * 2))
         scaled = phase("scale", lambda: scale(workdir, sizes["scale"], sizes["scale_seconds"]))
         many = phase("many counters", lambda: many_counters(workdir, sizes["counters"], 3 if quick else 10))
-    print(report(quick, inc, broadcasts, hot, scaled, many, sizes))
+    print(report(quick, inc, cost, broadcasts, hot, scaled, many, sizes))
     print("\n(" + "; ".join(phases) + ")", file=sys.stderr)
     return 0
 
