@@ -639,9 +639,15 @@ async def test_metrics_in_prometheus_text_format(make_client):
 # --- embedding -------------------------------------------------------------------------------------
 
 async def test_it_mounts_as_a_sub_app(aiohttp_client, data_file):
+    async def own_page(request):
+        return web.Response(text="mine\n")
+
     parent = web.Application()
     parent.add_subapp("/live/", create_app(data_path=data_file))
+    parent.router.add_get("/mine", own_page)
     client = await aiohttp_client(parent)
+    assert await (await client.get("/mine")).text() == "mine\n"  # livecounter's catch-all stays in /live/
+    assert await (await client.get("/live/nope")).text() == "no such path: the counters are at counters/\n"
     listener = await client.get("/live/counters/3/", headers=SSE)
     assert await read_frame(listener) == frame(0)
     assert await (await client.post("/live/counters/3/")).text() == "1\n"
