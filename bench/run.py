@@ -466,7 +466,7 @@ def report(quick: bool, inc: dict, cost: dict, broadcasts: dict, hot: dict, scal
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="a short smoke run: small sizes, one repeat")
+    parser.add_argument("--quick", action="store_true", help="a short smoke run: small sizes, one round")
     args = parser.parse_args()
     if missing := missing_tools():
         print("bench/run.py needs, and does not install:\n  " + "\n  ".join(missing), file=sys.stderr)
