@@ -222,6 +222,12 @@ def settle() -> None:
 
 # --- workloads ---------------------------------------------------------------------------------
 
+def medians_and_spreads(runs: dict[str, list[float]]) -> dict:
+    """Each figure's median, and for each ratio the range of its pairs as "spread <name>"."""
+    return {name: statistics.median(values) for name, values in runs.items()} | {
+        f"spread {name}": (min(values), max(values)) for name, values in runs.items() if name.startswith("ratio")}
+
+
 def increments(workdir: Path, seconds: float, sessions: int, rounds: int) -> dict:
     """1 and 2: wrk POSTs to one counter, livecounter against the floor, durable against default.
 
@@ -256,8 +262,7 @@ def increments(workdir: Path, seconds: float, sessions: int, rounds: int) -> dic
                 runs.setdefault("nginx+nchan publish", []).append(wrk(server.url("/pub/1"), seconds, body="1")[0])
         finally:
             server.stop()
-    return {name: statistics.median(values) for name, values in runs.items()} | {
-        f"spread {name}": (min(values), max(values)) for name, values in runs.items() if name.startswith("ratio")}
+    return medians_and_spreads(runs)
 
 
 def cpu_per_post(workdir: Path, seconds: float, rounds: int) -> dict:
@@ -284,8 +289,7 @@ def cpu_per_post(workdir: Path, seconds: float, rounds: int) -> dict:
         finally:
             for server in servers.values():
                 server.stop()
-    return {name: statistics.median(values) for name, values in runs.items()} | {
-        f"spread {name}": (min(values), max(values)) for name, values in runs.items() if name.startswith("ratio")}
+    return medians_and_spreads(runs)
 
 
 def broadcast_and_memory(workdir: Path, count: int, repeats: int) -> dict:

@@ -71,15 +71,14 @@ class Pushpin:
             # (a 502 while the origin is down counts).
             async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1),
                                              connector=aiohttp.TCPConnector(force_close=True)) as session:
-                answered = 0
-                while answered < 10:
-                    answered += 1
+                in_a_row = 0
+                while in_a_row < 10:
                     try:
                         async with session.get(f"{self.url}/healthz") as response:
-                            if "Accept service unavailable" in await response.text():
-                                answered = 0
+                            through_proxy = "Accept service unavailable" not in await response.text()
                     except (TimeoutError, aiohttp.ClientError):
-                        answered = 0
+                        through_proxy = False
+                    in_a_row = in_a_row + 1 if through_proxy else 0
                     await asyncio.sleep(0.05)
         return self
 
