@@ -163,13 +163,17 @@ def rss_kib(pid: int) -> int:
     return int(re.search(r"VmRSS:\s+(\d+)", Path(f"/proc/{pid}/status").read_text()).group(1))
 
 
+def wrk_command(url: str, seconds: float, script: Path = BENCH / "post.lua", connections: int = 50) -> list[str]:
+    return ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "-s", str(script), url]
+
+
 def wrk(url: str, seconds: float, body: str | None = None, connections: int = 50) -> tuple[float, int]:
     """POSTs with wrk: requests per second, and errors (socket errors plus non-2xx answers)."""
     script = BENCH / "post.lua"
     if body is not None:
         script = Path(tempfile.mkstemp(suffix=".lua")[1])
         script.write_text(f'wrk.method = "POST"\nwrk.body = "{body}"\n')
-    output = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "-s", str(script), url],
+    output = subprocess.run(wrk_command(url, seconds, script, connections),
                             capture_output=True, text=True, check=True).stdout
     rate = float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1))
     errors = sum(int(n) for n in re.findall(r"(?:connect|read|write|timeout) (\d+)", output))
@@ -276,9 +280,9 @@ def cpu_per_post(workdir: Path, seconds: float, rounds: int) -> dict:
                 wrk(server.url(server.post_path), 1)  # warm-up
             for _ in range(rounds):
                 cpu_before = {name: cpu_seconds(server.cpu_pid) for name, server in servers.items()}
-                loads = {name: subprocess.Popen(
-                    ["wrk", "-t1", "-c50", f"-d{seconds}s", "-s", str(BENCH / "post.lua"), server.url(server.post_path)],
-                    stdout=subprocess.PIPE, text=True) for name, server in servers.items()}
+                loads = {name: subprocess.Popen(wrk_command(server.url(server.post_path), seconds),
+                                                stdout=subprocess.PIPE, text=True)
+                         for name, server in servers.items()}
                 posts = {name: int(re.search(r"(\d+) requests in", load.communicate()[0]).group(1))
                          for name, load in loads.items()}
                 micros = {name: 1e6 * (cpu_seconds(server.cpu_pid) - cpu_before[name]) / posts[name]
