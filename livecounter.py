@@ -75,7 +75,7 @@ class Settings:
     max_counters: int = 10_000  # the most counters auto-create makes
     post_rate: float | None = None  # increments per second per client address; None: unlimited
     trust_proxy: bool = False  # the client address is the last one in X-Forwarded-For
-    cors_origin: str = "*"
+    cors_origin: str = "*"  # the Access-Control-Allow-Origin of every answer
     max_listeners: int | None = None  # None: what the open-file limit allows, see default_max_listeners()
     max_listeners_per_ip: int = 1000
     admin_token: str | None = None  # PUT and DELETE need it as a Bearer token; None: they are off
@@ -1061,6 +1061,8 @@ async def preflight(request: web.Request) -> web.Response:
     return web.Response(status=204, headers=headers)
 
 
+# --- Every answer: the allowed origin (CORS), and paths and methods the API doesn't have ----------
+
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -1080,6 +1082,7 @@ def allowing_origin(origin: str, handler: Handler) -> Handler:
 
 
 def refusing_other_methods(allowed: list[str]) -> Handler:
+    """The answer on a path to any method but `allowed`: 405, with Allow and a one-line reason."""
     async def wrong_method(request: web.Request) -> web.StreamResponse:
         raise web.HTTPMethodNotAllowed(request.method, allowed,
                                        text=f"{request.method} is not allowed here: {', '.join(allowed)}\n")
