@@ -1,6 +1,6 @@
 """Benchmarks: livecounter side by side with its floor (a bare aiohttp handler) and nginx+nchan.
 
-    python bench/run.py            # the full table: about ten minutes on 2 cores
+    python bench/run.py            # the full table: about eleven minutes on 2 cores
     python bench/run.py --quick    # a short smoke run that proves the harness works
 
 Every server runs in its own process and is driven from others (wrk, bench/listeners.py), all on
@@ -269,6 +269,52 @@ def increments(workdir: Path, seconds: float, sessions: int, rounds: int) -> dic
     return medians_and_spreads(runs)
 
 
+DURABLE_CONNECTIONS = (10, 50, 200)
+
+
+def durable_by_connections(workdir: Path, seconds: float, rounds: int) -> dict:
+    """2, explained: group commit answers a change once the save after it is on disk, so its rate is
+    wrk's connections ÷ the time a change waits, about two save cycles (one in progress when it
+    arrives, then its own). Default and --durable side by side (uvloop), as in increments(), at several
+    connection counts; the durable server's saves per burst give the POSTs per save and a save's cycle.
+    """
+    servers = {"default": livecounter("uvloop", workdir),
+               "durable": livecounter("uvloop", workdir, "--durable")}
+    runs: dict[str, list[float]] = {}
+    try:
+        for server in servers.values():
+            wrk(server.url(server.post_path), 1)  # warm-up
+        for connections in DURABLE_CONNECTIONS:
+            for burst in range(rounds):
+                rates = {}
+                for name in list(servers) if burst % 2 else list(servers)[::-1]:
+                    saves_before = _saves(servers["durable"])
+                    rates[name], _ = wrk(servers[name].url("/counters/1/"), seconds, connections=connections)
+                    if name == "durable":
+                        saves = _saves(servers["durable"]) - saves_before
+                        runs.setdefault(f"posts per save {connections}", []).append(rates[name] * seconds / saves)
+                        runs.setdefault(f"save cycle ms {connections}", []).append(1000 * seconds / saves)
+                runs.setdefault(f"ratio {connections}", []).append(rates["durable"] / rates["default"])
+    finally:
+        for server in servers.values():
+            server.stop()
+    return medians_and_spreads(runs) | {"save alone ms": save_alone_ms(workdir)}
+
+
+def save_alone_ms(workdir: Path) -> float:
+    """A durable save of the shipped counters on this disk (write, fsync, rename, fsync of the
+    directory) with nothing else running: the least a group commit can wait."""
+    sys.path.insert(0, str(ROOT))
+    import livecounter
+    counters = json.loads((ROOT / "counters.json").read_text())
+    times = []
+    for _ in range(200):
+        started = time.perf_counter()
+        livecounter.write_counters(workdir / "alone.json", counters)
+        times.append(time.perf_counter() - started)
+    return 1000 * statistics.median(times)
+
+
 def cpu_per_post(workdir: Path, seconds: float, rounds: int) -> dict:
     """1, seen as cost: server CPU per POST, livecounter and the floor loaded at the same time (one wrk
     each), so both see the same machine in the same seconds; floor's cost / livecounter's."""
@@ -327,24 +373,40 @@ def broadcast_and_memory(workdir: Path, count: int, repeats: int) -> dict:
     return results
 
 
-def hot_counter(workdir: Path, count: int, seconds: float) -> dict:
-    """5: wrk POSTs to a counter with `count` listeners, against the rate with none."""
+def hot_counter(workdir: Path, count: int, seconds: float, rounds: int) -> dict:
+    """5: wrk POSTs to a counter with `count` listeners, against POSTs to one that nobody watches.
+
+    One server holds the listeners; wrk visits the watched counter and an unwatched one in turn for
+    short bursts, in alternating order, so each pair of rates is seconds apart on the same process.
+    After each burst on the watched counter: how long until every listener had its final value.
+    """
     results = {}
-    for name, start in (("livecounter uvloop", lambda: livecounter("uvloop", workdir)),
-                        ("nginx+nchan", lambda: nchan(workdir))):
+    for name, start, hot_path, cold_path in (
+            ("livecounter uvloop", lambda: livecounter("uvloop", workdir), "/counters/1/", "/counters/2/"),
+            ("nginx+nchan", lambda: nchan(workdir), "/pub/1", "/pub/2")):
         server = start()
         try:
             body = "1" if "nchan" in name else None
-            alone, _ = wrk(server.url(server.post_path), seconds, body=body)
             listeners = Listeners(server, count)
-            loaded, errors = wrk(server.url(server.post_path), seconds, body=body)
-            stopped = time.monotonic()
-            result = {"alone": alone, "with_listeners": loaded, "ratio": loaded / alone, "errors": errors}
-            if "livecounter" in name:  # nchan's messages all say 1: no final value to wait for
-                final = int(urllib.request.urlopen(server.url("/counters/1/"), timeout=30).read())
-                result["final_after_ms"] = 1000 * max(0.0, listeners.all_have(final) - stopped)
+            runs: dict[str, list[float]] = {}
+            for burst in range(rounds):
+                order = ("hot", "cold") if burst % 2 else ("cold", "hot")
+                rates = {}
+                for which in order:
+                    path = hot_path if which == "hot" else cold_path
+                    rates[which], _ = wrk(server.url(path), seconds, body=body)
+                    if which == "hot" and "livecounter" in name:  # nchan's messages all say 1: no final value
+                        stopped = time.monotonic()
+                        final = int(urllib.request.urlopen(server.url(hot_path), timeout=30).read())
+                        runs.setdefault("final_after_ms", []).append(
+                            1000 * max(0.0, listeners.all_have(final) - stopped))
+                runs.setdefault("with_listeners", []).append(rates["hot"])
+                runs.setdefault("alone", []).append(rates["cold"])
+                runs.setdefault("ratio", []).append(rates["hot"] / rates["cold"])
             listeners.close()
-            results[name] = result
+            results[name] = medians_and_spreads(runs)
+            if "final_after_ms" in runs:
+                results[name]["final_after_ms"] = max(runs["final_after_ms"])  # the worst round
         finally:
             server.stop()
     return results
@@ -421,8 +483,8 @@ def spread(results: dict, ratio: str) -> str:
     return f" (pairs: {low:.2f}–{high:.2f})"
 
 
-def report(quick: bool, inc: dict, cost: dict, broadcasts: dict, hot: dict, scaled: dict, many: dict,
-           sizes: dict) -> str:
+def report(quick: bool, inc: dict, cost: dict, durable: dict, broadcasts: dict, hot: dict, scaled: dict,
+           many: dict, sizes: dict) -> str:
     lines = [f"Machine: {machine()}. {'Quick smoke run: figures are not meaningful.' if quick else ''}",
              "", "| # | measurement | result | target |", "|---|---|---|---|"]
 
@@ -443,6 +505,11 @@ def report(quick: bool, inc: dict, cost: dict, broadcasts: dict, hot: dict, scal
             f"{inc[f'livecounter {loop} --durable']:,.0f} vs {inc[f'livecounter {loop}']:,.0f}: "
             f"**{inc[f'ratio durable/default {loop}']:.2f}×**{spread(inc, f'ratio durable/default {loop}')}",
             "≥ 0.5×")
+    row("2", "`--durable` vs default by wrk connections (uvloop): ratio, POSTs per save, save cycle",
+        "; ".join(f"{connections}: **{durable[f'ratio {connections}']:.2f}×**, "
+                  f"{durable[f'posts per save {connections}']:.0f}, {durable[f'save cycle ms {connections}']:.1f} ms"
+                  for connections in DURABLE_CONNECTIONS)
+        + f"; a save alone {durable['save alone ms']:.2f} ms", "(why 2 is where it is)")
     row("1", "publishes/s, nginx+nchan (for scale)", f"{inc['nginx+nchan publish']:,.0f}", "")
     nchan_results = {count: result["nginx+nchan"] for count, result in broadcasts.items()}
     for count, result in broadcasts.items():
@@ -457,10 +524,11 @@ def report(quick: bool, inc: dict, cost: dict, broadcasts: dict, hot: dict, scal
             row("4", f"RSS per idle listener ({count:,}), {what}", f"{result[name]['kib_per_listener']:.1f} KiB",
                 "≤ 8 KB" if "livecounter" in name else "")
     for name, result in hot.items():
-        extra = f", every listener on the final value {result['final_after_ms']:.0f} ms after the load" \
+        extra = f"; every listener on the final value at most {result['final_after_ms']:.0f} ms after a burst" \
             if "final_after_ms" in result else ""
-        row("5", f"hot counter, {sizes['hot']:,} listeners, {name}: POSTs/s with vs without",
-            f"{result['with_listeners']:,.0f} vs {result['alone']:,.0f}: **{result['ratio']:.2f}×**{extra}",
+        row("5", f"hot counter, {sizes['hot']:,} listeners, {name}: POSTs/s to their counter vs to an unwatched one",
+            f"{result['with_listeners']:,.0f} vs {result['alone']:,.0f}: **{result['ratio']:.2f}×**"
+            f"{spread(result, 'ratio')}{extra}",
             "≥ 0.7×, final value ≤ 1 s" if "livecounter" in name else "")
     row("6", f"{sizes['scale']:,} listeners, {sizes['scale_seconds']:.0f} s of max POSTs (uvloop)",
         f"{scaled['rate']:,.0f} POSTs/s, {scaled['errors']} errors, RSS {scaled['rss_mib_start']:.0f} → "
@@ -483,7 +551,6 @@ def main() -> int:
     sizes = {"broadcast": [500] if quick else [5000, 10000], "hot": 500 if quick else 5000,
              "scale": 1000 if quick else 10000, "scale_seconds": 3 if quick else 30,
              "counters": 10_000 if quick else 100_000}
-    seconds = 1 if quick else 5
     sessions, rounds, burst = (1, 1, 1) if quick else (3, 6, 2)
     with tempfile.TemporaryDirectory(prefix="livecounter-bench-") as directory:
         workdir = Path(directory)
@@ -498,12 +565,14 @@ def main() -> int:
 
         inc = phase("increments", lambda: increments(workdir, burst, sessions, rounds))
         cost = phase("CPU per POST", lambda: cpu_per_post(workdir, burst + 1, rounds + 2))
+        durable = phase("durable by connections",
+                        lambda: durable_by_connections(workdir, burst, rounds // 2 or 1))
         broadcasts = {count: phase(f"broadcast to {count}", lambda: broadcast_and_memory(workdir, count, 10))
                       for count in sizes["broadcast"]}
-        hot = phase("hot counter", lambda: hot_counter(workdir, sizes["hot"], seconds * 2))
+        hot = phase("hot counter", lambda: hot_counter(workdir, sizes["hot"], burst + 1, rounds))
         scaled = phase("scale", lambda: scale(workdir, sizes["scale"], sizes["scale_seconds"]))
         many = phase("many counters", lambda: many_counters(workdir, sizes["counters"], 3 if quick else 10))
-    print(report(quick, inc, cost, broadcasts, hot, scaled, many, sizes))
+    print(report(quick, inc, cost, durable, broadcasts, hot, scaled, many, sizes))
     print("\n(" + "; ".join(phases) + ")", file=sys.stderr)
     return 0
 
