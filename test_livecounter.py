@@ -149,6 +149,14 @@ async def test_post_increments_and_answers_the_new_value(client):
     assert await (await client.get("/counters/4/")).read() == b"0\n"
 
 
+async def test_only_reads_say_no_cache(client):
+    # A value read must not be cached; the answer to a POST is never cached, so it says nothing.
+    response = await client.post("/counters/5/")
+    assert "Cache-Control" not in response.headers
+    response = await client.get("/counters/5/")
+    assert response.headers["Cache-Control"] == "no-cache"
+
+
 async def test_the_path_without_trailing_slash_works_too(client):
     assert await (await client.post("/counters/7")).read() == b"1\n"
     assert await (await client.get("/counters/7")).read() == b"1\n"
@@ -359,14 +367,15 @@ async def test_a_listener_stuck_past_the_timeout_is_disconnected(data_file):
     "/counters/a%2Fb/",
 ])
 async def test_an_invalid_id_gets_400_with_a_reason(client, path):
-    for method in ("GET", "POST"):
-        response = await client.request(method, path)
-        assert response.status in (400, 404)
-        text = await response.text()
-        assert text.count("\n") <= 1 and text.strip()
-    response = await client.get("/counters/a%20b/")
-    assert response.status == 400
-    assert await response.text() == "invalid counter id: an id is 1-64 letters, digits, '.', '_' or '-'\n"
+    for request_path in (path, path.rstrip("/")):
+        for method, headers in (("GET", {}), ("GET", SSE), ("POST", {}), ("PUT", {}), ("DELETE", {}),
+                                ("PATCH", {})):
+            response = await client.request(method, request_path, headers=headers)
+            assert response.status == 400, (method, request_path)
+            assert await response.text() == "invalid counter id: an id is 1-64 letters, digits, '.', '_' or '-'\n"
+            assert response.headers["Access-Control-Allow-Origin"] == "*"
+        response = await client.options(request_path)  # a preflight passes: the request then gets its 400
+        assert response.status == 204
 
 
 async def test_an_unknown_counter_gets_404(client):
