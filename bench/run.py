@@ -407,7 +407,7 @@ def broadcast_and_memory(workdir: Path, count: int, repeats: int) -> dict:
                 post(server.url(server.post_path), str(value).encode() if "nchan" in name else b"")
                 delivery.append(listeners.all_have(value) - sent)
                 cpu.append(cpu_seconds(server.cpu_pid) - cpu_before)
-                time.sleep(0.05 + 4 * cpu[-1])  # past livecounter's rest after a broadcast (3× its time)
+                time.sleep(0.05 + 6 * cpu[-1])  # past livecounter's rest after a broadcast (5× its time)
             listeners.close()
             results[name] = {"cpu_ms": 1000 * statistics.median(cpu or [0]),
                              "delivery_ms": 1000 * statistics.median(delivery or [0]),
