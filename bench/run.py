@@ -328,8 +328,8 @@ def instructions_per_post(workdir: Path, posts: int) -> dict:
     leaves start-up and shutdown out. The kernel's share of a POST (the same for both, about a
     quarter of the server's CPU here) is not counted: it brings the ratio of whole POSTs closer to 1.
     """
-    def instructions(start: Callable[[tuple[str, ...]], Server], count: int) -> int:
-        out = workdir / f"callgrind-{free_port()}.out"
+    def instructions(name: str, start: Callable[[tuple[str, ...]], Server], count: int) -> int:
+        out = workdir / f"callgrind-{name}-{count}.out"
         server = start(("valgrind", "--tool=callgrind", f"--callgrind-out-file={out}"))
         try:
             posts_one_by_one(server, count)
@@ -341,7 +341,7 @@ def instructions_per_post(workdir: Path, posts: int) -> dict:
     for name, start in (("floor", lambda under: floor("uvloop", workdir, under)),
                         ("livecounter", lambda under: livecounter("uvloop", workdir, under=under))):
         with concurrent.futures.ThreadPoolExecutor(2) as pool:  # two valgrinds: one per core
-            few, more = pool.map(lambda count: instructions(start, count), (10, 10 + posts))
+            few, more = pool.map(lambda count: instructions(name, start, count), (10, 10 + posts))
         results[name] = (more - few) / posts
     return results | {"ratio": results["floor"] / results["livecounter"]}
 
