@@ -794,11 +794,6 @@ def readable_counter_id(request: web.Request) -> str:
     return counter_id
 
 
-async def invalid_counter_id(request: web.Request) -> web.StreamResponse:
-    """Any request to a counter path whose id the counter routes refused."""
-    raise web.HTTPBadRequest(text=f"invalid counter id: {ID_RULE}\n")
-
-
 def preferred_format(request: web.Request) -> str:
     """The first of event-stream, JSON or plain text that the Accept header names; plain text if none."""
     for media_range in request.headers.get("Accept", "").split(","):
@@ -1100,6 +1095,11 @@ def refusing_other_methods(allowed: list[str]) -> Handler:
         raise web.HTTPMethodNotAllowed(request.method, allowed,
                                        text=f"{request.method} is not allowed here: {', '.join(allowed)}\n")
     return wrong_method
+
+
+async def invalid_counter_id(request: web.Request) -> web.StreamResponse:
+    """Any request to a counter path whose id the counter routes refused."""
+    raise web.HTTPBadRequest(text=f"invalid counter id: {ID_RULE}\n")
 
 
 async def no_such_path(request: web.Request) -> web.StreamResponse:
