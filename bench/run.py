@@ -232,6 +232,25 @@ def settle() -> None:
 
 # --- workloads ---------------------------------------------------------------------------------
 
+def in_turn(names: list[str], burst: int) -> list[str]:
+    """The order in which wrk visits the servers (or counters) of a comparison: reversed every other
+    burst, so that the machine's drift doesn't favour whichever goes first."""
+    return names if burst % 2 else names[::-1]
+
+
+@contextlib.contextmanager
+def warmed_up(servers: dict[str, Server]):
+    """Servers started side by side, each warmed up by a second of wrk (connections, caches, a first
+    save); stopped when done."""
+    try:
+        for server in servers.values():
+            wrk(server.url(server.post_path), 1)
+        yield servers
+    finally:
+        for server in servers.values():
+            server.stop()
+
+
 def medians_and_spreads(runs: dict[str, list[float]]) -> dict:
     """Each figure's median, and for each ratio the range of its pairs as "spread <name>"."""
     return {name: statistics.median(values) for name, values in runs.items()} | {
@@ -248,24 +267,18 @@ def increments(workdir: Path, seconds: float, sessions: int, rounds: int) -> dic
     runs: dict[str, list[float]] = {}
     for session in range(sessions):
         for loop in ("asyncio", "uvloop"):
-            servers = {f"floor {loop}": floor(loop, workdir),
-                       f"livecounter {loop}": livecounter(loop, workdir),
-                       f"livecounter {loop} --durable": livecounter(loop, workdir, "--durable")}
-            try:
-                for server in servers.values():
-                    wrk(server.url(server.post_path), 1)  # warm-up: connections, caches, first save
+            with warmed_up({f"floor {loop}": floor(loop, workdir),
+                            f"livecounter {loop}": livecounter(loop, workdir),
+                            f"livecounter {loop} --durable": livecounter(loop, workdir, "--durable")}) as servers:
                 for burst in range(rounds):
-                    order = list(servers) if (session + burst) % 2 else list(servers)[::-1]
-                    rates = {name: wrk(servers[name].url(servers[name].post_path), seconds)[0] for name in order}
+                    rates = {name: wrk(servers[name].url(servers[name].post_path), seconds)[0]
+                             for name in in_turn(list(servers), session + burst)}
                     for name, rate in rates.items():
                         runs.setdefault(name, []).append(rate)
                     runs.setdefault(f"ratio livecounter/floor {loop}", []).append(
                         rates[f"livecounter {loop}"] / rates[f"floor {loop}"])
                     runs.setdefault(f"ratio durable/default {loop}", []).append(
                         rates[f"livecounter {loop} --durable"] / rates[f"livecounter {loop}"])
-            finally:
-                for server in servers.values():
-                    server.stop()
         server = nchan(workdir)
         try:
             for _ in range(rounds):
@@ -284,26 +297,19 @@ def durable_by_connections(workdir: Path, seconds: float, rounds: int) -> dict:
     arrives, then its own). Default and --durable side by side (uvloop), as in increments(), at several
     connection counts; the durable server's saves per burst give the POSTs per save and a save's cycle.
     """
-    servers = {"default": livecounter("uvloop", workdir),
-               "durable": livecounter("uvloop", workdir, "--durable")}
     runs: dict[str, list[float]] = {}
-    try:
-        for server in servers.values():
-            wrk(server.url(server.post_path), 1)  # warm-up
+    with warmed_up({"default": livecounter("uvloop", workdir),
+                    "durable": livecounter("uvloop", workdir, "--durable")}) as servers:
+        durable = servers["durable"]
         for connections in DURABLE_CONNECTIONS:
             for burst in range(rounds):
-                rates = {}
-                for name in list(servers) if burst % 2 else list(servers)[::-1]:
-                    saves_before = _saves(servers["durable"])
-                    rates[name], _ = wrk(servers[name].url("/counters/1/"), seconds, connections=connections)
-                    if name == "durable":
-                        saves = _saves(servers["durable"]) - saves_before
-                        runs.setdefault(f"posts per save {connections}", []).append(rates[name] * seconds / saves)
-                        runs.setdefault(f"save cycle ms {connections}", []).append(1000 * seconds / saves)
+                saves_before = _saves(durable)  # it saves only while its own burst brings changes
+                rates = {name: wrk(servers[name].url(servers[name].post_path), seconds, connections=connections)[0]
+                         for name in in_turn(list(servers), burst)}
+                saves = _saves(durable) - saves_before
+                runs.setdefault(f"posts per save {connections}", []).append(rates["durable"] * seconds / saves)
+                runs.setdefault(f"save cycle ms {connections}", []).append(1000 * seconds / saves)
                 runs.setdefault(f"ratio {connections}", []).append(rates["durable"] / rates["default"])
-    finally:
-        for server in servers.values():
-            server.stop()
     return medians_and_spreads(runs) | {"save alone ms": save_alone_ms(workdir)}
 
 
@@ -364,10 +370,7 @@ def cpu_per_post(workdir: Path, seconds: float, rounds: int) -> dict:
     each), so both see the same machine in the same seconds; floor's cost / livecounter's."""
     runs: dict[str, list[float]] = {}
     for loop in ("asyncio", "uvloop"):
-        servers = {"floor": floor(loop, workdir), "livecounter": livecounter(loop, workdir)}
-        try:
-            for server in servers.values():
-                wrk(server.url(server.post_path), 1)  # warm-up
+        with warmed_up({"floor": floor(loop, workdir), "livecounter": livecounter(loop, workdir)}) as servers:
             for _ in range(rounds):
                 cpu_before = {name: cpu_seconds(server.cpu_pid) for name, server in servers.items()}
                 loads = {name: subprocess.Popen(wrk_command(server.url(server.post_path), seconds),
@@ -380,9 +383,6 @@ def cpu_per_post(workdir: Path, seconds: float, rounds: int) -> dict:
                 runs.setdefault(f"floor {loop}", []).append(micros["floor"])
                 runs.setdefault(f"livecounter {loop}", []).append(micros["livecounter"])
                 runs.setdefault(f"ratio {loop}", []).append(micros["floor"] / micros["livecounter"])
-        finally:
-            for server in servers.values():
-                server.stop()
     return medians_and_spreads(runs)
 
 
@@ -434,9 +434,8 @@ def hot_counter(workdir: Path, count: int, seconds: float, rounds: int) -> dict:
             listeners = Listeners(server, count)
             runs: dict[str, list[float]] = {}
             for burst in range(rounds):
-                order = ("hot", "cold") if burst % 2 else ("cold", "hot")
                 rates = {}
-                for which in order:
+                for which in in_turn(["hot", "cold"], burst):
                     path = hot_path if which == "hot" else cold_path
                     rates[which], _ = wrk(server.url(path), seconds, body=body)
                     if which == "hot" and "livecounter" in name:  # nchan's messages all say 1: no final value
