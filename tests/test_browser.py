@@ -5,9 +5,9 @@ Needs Debian's chromium (`apt-get install chromium`; `.ci/run` installs it). Wit
 skipped on a developer's machine and fail under CI=true.
 """
 
+import json
 import os
 import re
-import shutil
 from pathlib import Path
 
 import aiohttp
@@ -18,6 +18,7 @@ from PIL import Image
 from playwright.async_api import async_playwright
 
 from livecounter import create_app
+from test_livecounter import ZEROS
 
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = "/usr/bin/chromium"
@@ -40,7 +41,7 @@ async def browser():
 
 @pytest.fixture
 async def counter_server(aiohttp_server, tmp_path):
-    shutil.copy(ROOT / "counters.json", tmp_path / "counters.json")
+    (tmp_path / "counters.json").write_text(json.dumps(ZEROS))
     return await aiohttp_server(create_app(tmp_path / "counters.json"), host="127.0.0.1")
 
 

@@ -3,14 +3,13 @@
 import asyncio
 import json
 import random
-import shutil
 import signal
 from pathlib import Path
 
 import aiohttp
 import pytest
 
-from test_livecounter import Server
+from test_livecounter import ZEROS, Server
 
 ROOT = Path(__file__).resolve().parent.parent
 CYCLES = 12
@@ -20,7 +19,7 @@ CLIENTS = 8
 @pytest.mark.parametrize("mode", [[], ["--durable"]], ids=["write-behind", "durable"])
 async def test_the_data_file_survives_kill_9_and_durable_keeps_every_acknowledged_increment(tmp_path, mode):
     data_file = tmp_path / "counters.json"
-    shutil.copy(ROOT / "counters.json", data_file)
+    data_file.write_text(json.dumps(ZEROS))
     sent = acknowledged = 0
     for cycle in range(CYCLES):
         server = await Server(data_file, "--save-interval", "0.01", *mode).start()

@@ -7,13 +7,13 @@ import asyncio
 import json
 import logging
 import os
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 
 from livecounter import create_app
+from test_livecounter import ZEROS
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -45,7 +45,7 @@ def small_disk(tmp_path):
     mount_point.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount_point)], check=True)
     try:
-        shutil.copy(ROOT / "counters.json", mount_point / "counters.json")
+        (mount_point / "counters.json").write_text(json.dumps(ZEROS))
         yield SmallDisk(mount_point)
     finally:
         subprocess.run(["umount", "-l", str(mount_point)], check=True)

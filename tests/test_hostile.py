@@ -2,7 +2,6 @@
 
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -14,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from test_livecounter import free_port
+from test_livecounter import ZEROS, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 ADMIN_TOKEN = "fuzz-token"
@@ -24,7 +23,7 @@ ADMIN_TOKEN = "fuzz-token"
 def server(tmp_path_factory):
     """One server for the whole module, with every feature on, so every code path faces the input."""
     directory = tmp_path_factory.mktemp("hostile")
-    shutil.copy(ROOT / "counters.json", directory / "counters.json")
+    (directory / "counters.json").write_text(json.dumps(ZEROS))
     port = free_port()
     with open(directory / "server.log", "wb") as log:
         process = subprocess.Popen(
