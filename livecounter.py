@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import dataclasses
 import hmac
 import itertools
@@ -39,7 +40,9 @@ import math
 import os
 import re
 import resource
+import signal
 import socket
+import stat
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -95,9 +98,11 @@ def default_max_listeners() -> int:
 # The counter store and its persistence
 # --------------------------------------------------------------------------------------------------
 
-ID_PATTERN = r"[A-Za-z0-9._-]{1,64}"
+# Not only dots: browsers and proxies resolve "." and ".." in a path, so such a counter can't be
+# reached. One pattern for the route (where "/" follows the id) and for ids checked on their own.
+ID_PATTERN = r"(?!\.+(?:/|$))[A-Za-z0-9._-]{1,64}"
 COUNTER_ID = re.compile(ID_PATTERN)
-ID_RULE = "an id is 1-64 letters, digits, '.', '_' or '-'"
+ID_RULE = "an id is 1-64 letters, digits, '.', '_' or '-', and not only dots"
 MAX_VALUE = 2**53 - 1  # the largest integer a browser's JavaScript reads exactly
 
 
@@ -145,22 +150,40 @@ def write_counters(path: Path, counters: dict[str, int]) -> None:
 
 
 def write_atomically(path: Path, data: bytes) -> None:
-    """Replace path with data so that a crash at any instant leaves the old file or the new one."""
-    temporary = path.with_name(path.name + ".tmp")
+    """Replace path with data so that a crash at any instant leaves the old file or the new one.
+
+    A symbolic link stays one: the file it points to is replaced, and keeps its mode and owner."""
+    target = Path(os.path.realpath(path))
+    temporary = target.with_name(target.name + ".tmp")  # beside the target: a rename can't cross file systems
     try:
         with open(temporary, "wb") as file:
+            keep_permissions(target, file.fileno())  # before the data goes in, so no one else may read it
             file.write(data)
             file.flush()
             os.fsync(file.fileno())
-        os.replace(temporary, path)
+        os.replace(temporary, target)
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
-    directory = os.open(path.parent, os.O_RDONLY)
+    directory = os.open(target.parent, os.O_RDONLY)
     try:
         os.fsync(directory)  # makes the rename itself durable
     finally:
         os.close(directory)
+
+
+def keep_permissions(path: Path, descriptor: int) -> None:
+    """Give the open file the mode, owner and group of the file at path, if there is one (a new
+    file keeps the default mode): an operator's 0600 must survive the save that replaces it."""
+    try:
+        existing = os.stat(path)
+    except FileNotFoundError:
+        return
+    try:
+        os.fchown(descriptor, existing.st_uid, existing.st_gid)
+    except PermissionError:
+        pass  # only root gives a file away (or to a group it isn't in): the mode still carries over
+    os.fchmod(descriptor, stat.S_IMODE(existing.st_mode))  # after the owner: a chown clears setuid bits
 
 
 class CounterLimitReached(Exception):
@@ -198,15 +221,24 @@ class Outage:
             self.error = None
 
 
+Announce = Callable[[str, int | None], None]  # tells listeners a counter's value (None: it is gone)
+
+
 class CounterStore:
     """Counter values in memory, written to the data file behind the requests, or before their
-    answer in durable mode (group commit: one write acknowledges every change made before it)."""
+    answer in durable mode (group commit: one write acknowledges every change made before it).
+
+    In durable mode listeners hear only of values on disk: the save that holds a change announces
+    it, whether the request that made it is still waiting or got a 503 from an earlier save."""
 
     def __init__(self, path: Path, counters: dict[str, int], *, save_interval: float, durable: bool,
-                 auto_create: bool, max_counters: int) -> None:
+                 auto_create: bool, max_counters: int, announce_durable: Announce | None = None) -> None:
         self.path = path
         self.durable = durable
         self._values = counters
+        self._announced = dict(counters) if durable else counters  # the values listeners know
+        self._changed: set[str] = set()  # durable mode: counters changed since the last snapshot
+        self._announce_durable = announce_durable
         self._save_interval = save_interval
         self._auto_create = auto_create
         self._max_counters = max_counters
@@ -242,6 +274,14 @@ class CounterStore:
             return self._values.get(counter_id, 0)
         return self._values[counter_id]
 
+    def announced_value(self, counter_id: str) -> int | None:
+        """The counter's value as its listeners know it: in durable mode the one on disk (or, for a
+        counter not saved yet, its value); None if it is gone for them."""
+        value = self._announced.get(counter_id)
+        if value is None:
+            value = self._values.get(counter_id, 0 if self._auto_create else None)
+        return value
+
     def increment(self, counter_id: str) -> int:
         """Add one and return the new value. Unknown: KeyError, or created at 0 under auto-create
         (CounterLimitReached past max_counters). OverflowError past MAX_VALUE."""
@@ -273,11 +313,11 @@ class CounterStore:
     def snapshot(self) -> dict[str, int]:
         return dict(self._values)
 
-    async def persisted(self) -> None:
-        """Durable mode: return once every change made before this call is on disk.
-
-        Raises SaveFailed with the reason if the save that would have written them fails.
-        """
+    async def persisted(self, counter_id: str) -> None:
+        """Durable mode: return once every change made before this call (counter_id's just now) is
+        on disk, and announced. Raises SaveFailed with the reason if the save that would have
+        written them fails; a later save that succeeds announces it."""
+        self._changed.add(counter_id)
         waiter = asyncio.get_running_loop().create_future()
         self._waiting.append(waiter)
         self._unsaved.set()
@@ -305,23 +345,38 @@ class CounterStore:
         async with self._one_save_at_a_time:
             self._unsaved.clear()
             waiting, self._waiting = self._waiting, []
+            changed, self._changed = self._changed, set()
+            snapshot = self.snapshot()
             started = time.perf_counter()
-            write = asyncio.ensure_future(asyncio.to_thread(write_counters, self.path, self.snapshot()))
+            write = asyncio.ensure_future(asyncio.to_thread(write_counters, self.path, snapshot))
             try:
                 await asyncio.shield(write)
             except asyncio.CancelledError:
                 # The thread can't be stopped: let it finish, so no second save writes the temp file.
                 await asyncio.wait([write])
                 self._waiting[:0] = waiting  # the final save answers them
+                self._changed |= changed
                 self._unsaved.set()
                 raise
             except OSError as error:
+                self._changed |= changed  # announced by the save that holds them
                 self._save_failed(error, waiting)
             else:
+                self._announce_saved(changed, snapshot)
                 self._save_succeeded(waiting)
             finally:
                 self.saves += 1
                 self.last_save_seconds = time.perf_counter() - started
+
+    def _announce_saved(self, changed: set[str], snapshot: dict[str, int]) -> None:
+        """Durable mode: the changes this save holds reach the listeners, in the values it wrote."""
+        for counter_id in changed:
+            value = snapshot.get(counter_id)
+            if value is None:
+                self._announced.pop(counter_id, None)
+            else:
+                self._announced[counter_id] = value
+            self._announce_durable(counter_id, value)
 
     def _save_failed(self, error: OSError, waiting: list[asyncio.Future[None]]) -> None:
         self._unsaved.set()
@@ -346,19 +401,28 @@ class CounterStore:
 # The listener hub: fan-out of changes to SSE streams
 # --------------------------------------------------------------------------------------------------
 #
-# Once a stream's headers are out, the hub takes its connection over from aiohttp: the socket is
-# duplicated, aiohttp's side is dropped, and the duplicate gets a minimal protocol of our own, the
-# Listener. aiohttp then frees everything it held for the request (parser, request, handler task,
-# timers: ~10 KiB, the least an aiohttp stream costs, measured with bench/run.py) and a listener
-# costs a transport and one small object (~2 KiB). The protocol also hears at once when the client
-# leaves (aiohttp doesn't tell a handler) and when a listener that fell behind has drained.
+# Once a stream's headers and first frames are out, the hub takes its connection over from aiohttp:
+# the socket is duplicated, aiohttp's transport is aborted (which closes only aiohttp's descriptor)
+# and the hub writes to the duplicate itself. aiohttp then frees everything it held for the request
+# (parser, request, handler task, timers) and a listener costs a socket and one small object.
 #
-# A change is encoded once and written straight to every listener's transport: the kernel's send is
-# the floor (see the notes on measured costs), so the loop stays as thin as possible.
+# The hub writes with send() on the non-blocking socket, not through an asyncio transport: what the
+# kernel doesn't take is the listener's only backlog in user space (the rest of one frame), so a
+# listener that stops reading costs its kernel send buffer and no more, whatever the event loop's
+# own accounting (uvloop's transports queue each small write with a large overhead and pause too
+# late). Such a listener skips values and gets the latest once it drains.
+#
+# What the take-over relies on in aiohttp, checked by the tests on every version CI runs (the lowest
+# aiohttp requirements.txt allows, and the newest): request.transport is the connection's transport,
+# its "socket" extra info has the descriptor, get_write_buffer_size() says when aiohttp's bytes are
+# out, and a handler that finds its transport aborted returns without writing more.
+#
+# A change is encoded once and written straight to every listener's socket: the kernel's send is the
+# floor (see the notes on measured costs), so the loop stays as thin as possible.
 
-BEHIND_BYTES = 16 * 1024  # unsent bytes in user space beyond which a listener skips values
 LISTENER_SNDBUF = 16 * 1024  # kernel send buffer per listener: a frozen client pins this, not ~2 MB
 LAST_CHUNK = b"0\r\n\r\n"  # ends a chunked response
+BROADCAST_REST = 5  # a hot counter rests this many times as long as its last broadcast took
 
 # Every change goes out in four encodings, made once per broadcast: a single-counter stream's
 # "message" event or a multi-counter stream's "counter" event, each bare (HTTP/1.0) or as one
@@ -399,43 +463,66 @@ KEEPALIVE = b":\n\n"
 KEEPALIVE_FRAMES: Frames = (KEEPALIVE, chunk(KEEPALIVE)) * 2
 
 
-class Listener(asyncio.Protocol):
-    """One stream's connection, after the hub took it over from aiohttp."""
+class Listener:
+    """One stream: its slot in the hub's limits from the moment it is admitted, then its socket."""
 
-    __slots__ = ("hub", "transport", "style", "channels", "client", "behind_since")
+    __slots__ = ("hub", "client", "style", "sock", "channels", "unsent", "behind_since", "counted")
 
-    def __init__(self, hub: ListenerHub, style: int, client: str) -> None:
+    def __init__(self, hub: ListenerHub, client: str, style: int) -> None:
         self.hub = hub
-        self.transport: asyncio.Transport | None = None
-        self.style = style
-        self.channels: list[Channel] = []  # one for a single-counter stream; empty until registered
         self.client = client  # its address, for the per-client cap
-        self.behind_since = 0.0  # monotonic time it stopped taking data; 0 while it keeps up
+        self.style = style
+        self.sock: socket.socket | None = None  # the duplicate, once the hub took the stream over
+        self.channels: list[Channel] = []  # one for a single-counter stream; empty until registered
+        self.unsent = b""  # what the kernel didn't take of the last write; not empty: behind
+        self.behind_since = 0.0  # monotonic time it fell behind; 0 while it keeps up
+        self.counted = True  # holds a slot in listener_count and its client's count
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-        self.transport.set_write_buffer_limits(high=BEHIND_BYTES)
+    def write(self, data: bytes) -> None:
+        """Send data, or as much as the kernel takes; the rest goes out when the socket drains, and
+        until then the listener skips values (the hub doesn't write to it)."""
+        try:
+            sent = self.sock.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError:  # the client is gone: its socket is readable now, and readable() drops it
+            return
+        if sent < len(data):
+            self.unsent = data[sent:]
+            self.hub.fell_behind(self)
 
-    def data_received(self, data: bytes) -> None:
-        pass  # the client of a stream has nothing more to say
+    def readable(self) -> None:
+        """The client of a stream has nothing more to say: what it sends is dropped; EOF means it left."""
+        try:
+            if self.sock.recv(4096):
+                return
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            pass
+        self.hub.disconnect(self)
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.hub.unsubscribe(self)
+    def writable(self) -> None:
+        """The socket drained: the rest of the last write, then the latest values."""
+        try:
+            sent = self.sock.send(self.unsent)
+        except BlockingIOError:
+            return
+        except OSError:
+            self.hub.disconnect(self)
+            return
+        self.unsent = self.unsent[sent:]
+        if not self.unsent:
+            self.hub.caught_up(self)
 
-    def pause_writing(self) -> None:
-        self.hub.fell_behind(self)
-
-    def resume_writing(self) -> None:
-        self.hub.caught_up(self)
-
-    def write(self, frames: Frames) -> None:
-        self.transport.write(frames[self.style])
-
-    def end(self) -> None:
-        """End the stream properly (the last chunk), once what was sent before is out."""
-        if self.style & 1:
-            self.transport.write(LAST_CHUNK)
-        self.transport.close()
+    def close(self) -> None:
+        """Close the socket now. Whatever the kernel holds still goes out before its FIN; nothing in
+        user space waits for a client that doesn't read."""
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(self.sock.fileno())
+        if self.unsent:
+            loop.remove_writer(self.sock.fileno())
+        self.sock.close()
 
 
 class Channel:
@@ -447,12 +534,20 @@ class Channel:
         self.counter_id = counter_id
         self.listeners: set[Listener] = set()
         self.value = value  # the latest value published
-        self.sent = value  # the value the listeners have (or get when they drain)
+        self.sent = value  # the value the last broadcast carried
         self.pending: asyncio.Handle | None = None  # the scheduled broadcast, at most one
         self.last_write = time.monotonic()
 
 
 class ListenerHub:
+    """Every stream's listener, by counter. A listener's slot is taken when its request is admitted
+    (reserve) and given back on every way out, so requests that arrive together can't pass the
+    limits; it gets a counter's changes once registered (take_over).
+
+    Values on a stream never go backwards (between admin writes, which may set a lower value): a
+    channel's `value` only grows between them, and every write to a listener carries a channel's
+    latest value, never what an earlier broadcast carried."""
+
     def __init__(self, *, keepalive_interval: float, stall_timeout: float, max_listeners: int,
                  max_listeners_per_client: int) -> None:
         self._channels: dict[str, Channel] = {}
@@ -481,59 +576,24 @@ class ListenerHub:
             return f"too many streams from {client} (limit {self._max_listeners_per_client})"
         return None
 
-    async def take_over(self, transport: asyncio.Transport, sent: dict[str, int],
-                        value_of: Callable[[str], int], *, chunked: bool, multi: bool, client: str) -> None:
-        """Take over a stream to which aiohttp has sent the headers and the first frames (the values
-        in `sent`); from then on the stream gets every change of those counters.
+    def reserve(self, client: str, *, multi: bool, chunked: bool) -> Listener:
+        """A listener holding a slot in the limits (checked just before, with no await between);
+        release() gives it back if the stream never gets registered."""
+        self.listener_count += 1
+        self._per_client[client] = self._per_client.get(client, 0) + 1
+        return Listener(self, client, stream_style(multi=multi, chunked=chunked))
 
-        aiohttp's side of the connection is dropped: its handler finds it closed and lets go.
-        """
-        duplicate = socket.socket(fileno=os.dup(transport.get_extra_info("socket").fileno()))
-        duplicate.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, LISTENER_SNDBUF)
-        duplicate.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # a frame goes out when written
-        listener = Listener(self, stream_style(multi=multi, chunked=chunked), client)
-        try:
-            await asyncio.get_running_loop().connect_accepted_socket(lambda: listener, sock=duplicate)
-            while transport.get_write_buffer_size():  # aiohttp's bytes go out before any of ours
-                if transport.is_closing():
-                    listener.transport.close()
-                    return
-                await asyncio.sleep(0.01)
-        except BaseException:
-            duplicate.close()
-            raise
-        # From here on nothing yields to the loop; aiohttp lets go last (it may cancel its handler).
-        if self._closing:  # shutdown began while the connection changed hands
-            listener.end()
-        elif not listener.transport.is_closing():
-            for counter_id in sent:
-                channel = self._channels.get(counter_id)
-                if channel is None:
-                    channel = self._channels[counter_id] = Channel(counter_id, value_of(counter_id))
-                channel.listeners.add(listener)
-                listener.channels.append(channel)
-            self.listener_count += 1
-            self._per_client[client] = self._per_client.get(client, 0) + 1
-            # What changed since the first frames: a broadcast pending or done meanwhile.
-            moved = [channel for channel in listener.channels if channel.sent != sent[channel.counter_id]]
-            if moved:
-                listener.transport.write(self._latest(listener, moved))
-        transport.abort()  # closes aiohttp's descriptor only: the connection lives on in the duplicate
-
-    def _latest(self, listener: Listener, channels: list[Channel] | None = None) -> bytes:
-        """What its channels (or some of them) have sent, as its style of frames."""
-        return encode_values({channel.counter_id: channel.sent for channel in channels or listener.channels},
-                             listener.style)
-
-    def unsubscribe(self, listener: Listener) -> None:
-        if not listener.channels:
-            return  # never registered, or already gone
-        self._behind.discard(listener)
+    def release(self, listener: Listener) -> None:
+        """Give back the listener's slot, once; its channels let go of it."""
+        if not listener.counted:
+            return
+        listener.counted = False
         self.listener_count -= 1
         if self._per_client[listener.client] == 1:
             del self._per_client[listener.client]
         else:
             self._per_client[listener.client] -= 1
+        self._behind.discard(listener)
         for channel in listener.channels:
             channel.listeners.discard(listener)
             if not channel.listeners and self._channels.get(channel.counter_id) is channel:
@@ -542,17 +602,87 @@ class ListenerHub:
                 del self._channels[channel.counter_id]
         listener.channels = []
 
+    async def take_over(self, listener: Listener, transport: asyncio.Transport, first: dict[str, int],
+                        value_of: Callable[[str], int | None]) -> None:
+        """Take over a stream to which aiohttp has sent the headers and the first frames (the values
+        in `first`); from then on the stream gets every change of those counters. value_of gives a
+        counter's value as listeners know it, None once it is gone.
+
+        aiohttp's side of the connection is aborted on every way out: its handler finds it closed
+        and lets go. The caller releases the listener's slot if it isn't registered here."""
+        try:
+            if not await self._sent_by_aiohttp(transport):
+                return  # the client left, or doesn't read its first frames
+            listener.sock = duplicate(transport)
+            # From here on nothing yields to the loop until the listener is registered or closed.
+            if self._closing:  # shutdown began while aiohttp's bytes went out
+                self._end(listener)
+            elif not self._register(listener, first, value_of):
+                self._end(listener)  # a counter was deleted meanwhile: the stream ends
+        finally:
+            transport.abort()  # closes aiohttp's descriptor only: the connection lives on in the duplicate
+
+    async def _sent_by_aiohttp(self, transport: asyncio.Transport) -> bool:
+        """Wait until aiohttp's bytes are out, so that none of ours can overtake them; False if the
+        client left first or didn't take them within the stall timeout."""
+        deadline = time.monotonic() + self._stall_timeout
+        while transport.get_write_buffer_size():
+            if transport.is_closing() or time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(0.01)
+        return not transport.is_closing()
+
+    def _register(self, listener: Listener, first: dict[str, int], value_of: Callable[[str], int | None]) -> bool:
+        """Subscribe the listener to its counters and catch it up; False if one of them is gone."""
+        catch_up: dict[str, int] = {}
+        for counter_id, first_value in first.items():
+            channel = self._channels.get(counter_id)
+            if channel is None:
+                value = value_of(counter_id)
+                if value is None:
+                    return False
+                channel = self._channels[counter_id] = Channel(counter_id, value)
+            channel.listeners.add(listener)
+            listener.channels.append(channel)
+            # Changed since the first frame: a broadcast that is scheduled carries the latest value to
+            # every listener of the channel, this one included; only one already made can't.
+            if channel.value != first_value and channel.value == channel.sent:
+                catch_up[counter_id] = channel.value
+        asyncio.get_running_loop().add_reader(listener.sock.fileno(), listener.readable)
+        if catch_up:
+            listener.write(encode_values(catch_up, listener.style))
+        return True
+
+    def disconnect(self, listener: Listener) -> None:
+        """The client left, or is dropped: close its socket and give back its slot."""
+        if listener.counted:
+            self.release(listener)
+            listener.close()
+
+    def _end(self, listener: Listener) -> None:
+        """End the stream properly (the last chunk) if it keeps up; a listener that is behind would
+        never take it, so its socket just closes."""
+        if not listener.unsent and listener.style & 1:
+            try:
+                listener.sock.send(LAST_CHUNK)
+            except OSError:
+                pass
+        self.release(listener)
+        listener.close()
+
     def fell_behind(self, listener: Listener) -> None:
-        """Its transport holds more than BEHIND_BYTES unsent: skip values until it drains."""
+        """The kernel took only part of a write: wait for the socket to drain, skipping values."""
         listener.behind_since = time.monotonic()
         self._behind.add(listener)
+        asyncio.get_running_loop().add_writer(listener.sock.fileno(), listener.writable)
 
     def caught_up(self, listener: Listener) -> None:
         """It drained: send the latest value of each of its counters."""
+        asyncio.get_running_loop().remove_writer(listener.sock.fileno())
         listener.behind_since = 0.0
         self._behind.discard(listener)
-        if listener.channels:
-            listener.transport.write(self._latest(listener))
+        listener.write(encode_values({channel.counter_id: channel.value for channel in listener.channels},
+                                     listener.style))
 
     def publish(self, counter_id: str, value: int) -> None:
         """A counter changed: broadcast soon, coalescing with changes that come before it goes."""
@@ -574,19 +704,17 @@ class ListenerHub:
         channel.sent = channel.value
         self._write_all(channel, frames(channel.counter_id, channel.value))
         self.broadcasts += 1
-        # Rest five times as long as the broadcast took (<= 1/6 of the loop for one hot counter), so
-        # increments keep flowing; the next broadcast carries whatever is latest by then. Measured
-        # with 5,000 listeners (bench/run.py, row 5): 0.78-0.80x of the POST rate kept, against
-        # 0.71-0.75x resting 3x and ~0.001x broadcasting every change.
+        # A hot counter rests, so increments keep flowing (broadcasts take at most 1/6 of the loop);
+        # the next broadcast carries whatever is latest by then.
         elapsed = time.perf_counter() - started
-        channel.pending = asyncio.get_running_loop().call_later(5 * elapsed, self._broadcast, channel)
+        channel.pending = asyncio.get_running_loop().call_later(BROADCAST_REST * elapsed, self._broadcast, channel)
 
     def _write_all(self, channel: Channel, frames: Frames) -> None:
         """Write to every listener that keeps up; the others get the latest when they drain."""
         channel.last_write = time.monotonic()
         for listener in channel.listeners:
-            if not listener.behind_since:
-                listener.write(frames)
+            if not listener.unsent:
+                listener.write(frames[listener.style])
 
     async def run_sweeps(self) -> None:
         interval = min(0.5, self._keepalive_interval / 2)
@@ -600,8 +728,7 @@ class ListenerHub:
         for listener in list(self._behind):
             if now - listener.behind_since > self._stall_timeout:
                 log.info("disconnecting a listener that took no data for %.0f s", self._stall_timeout)
-                listener.transport.abort()  # close() would wait to flush what the client never reads
-                self.unsubscribe(listener)
+                self.disconnect(listener)
         for channel in self._channels.values():
             if now - channel.last_write >= self._keepalive_interval:
                 self._write_all(channel, KEEPALIVE_FRAMES)
@@ -611,16 +738,24 @@ class ListenerHub:
         channel = self._channels.get(counter_id)
         if channel is not None:
             for listener in list(channel.listeners):
-                self.unsubscribe(listener)
-                listener.end()
+                self._end(listener)
 
     def close(self) -> None:
         """End every stream (on shutdown); no new listener is taken after this."""
         self._closing = True
         for channel in list(self._channels.values()):
             for listener in list(channel.listeners):
-                self.unsubscribe(listener)
-                listener.end()
+                self._end(listener)
+
+
+def duplicate(transport: asyncio.Transport) -> socket.socket:
+    """A non-blocking duplicate of the transport's socket, set up for a stream."""
+    sock = socket.socket(fileno=os.dup(transport.get_extra_info("socket").fileno()))
+    sock.setblocking(False)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, LISTENER_SNDBUF)
+    if sock.family in (socket.AF_INET, socket.AF_INET6):  # not on a UNIX socket (an embedder's UnixSite)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # a frame goes out when written
+    return sock
 
 
 # --------------------------------------------------------------------------------------------------
@@ -713,6 +848,12 @@ def publish_items(batch: dict[str, int | None]) -> list[dict[str, object]]:
     return items
 
 
+def raw_bytes(text: str) -> bytes:
+    """The bytes a header or environment variable held: where they weren't UTF-8, aiohttp and
+    os.environ hold surrogates that plain .encode() refuses."""
+    return text.encode("utf-8", "surrogateescape")
+
+
 def grip_sig_valid(signature: str, key: str | None) -> bool:
     """Whether a Grip-Sig came from Pushpin: a JWT signed with the shared key (HS256), not expired.
 
@@ -720,7 +861,7 @@ def grip_sig_valid(signature: str, key: str | None) -> bool:
     if key is None:
         return True
     try:
-        jwt.decode(signature, key, algorithms=["HS256"], options={"require": ["exp"]})
+        jwt.decode(raw_bytes(signature), raw_bytes(key), algorithms=["HS256"], options={"require": ["exp"]})
     except jwt.InvalidTokenError:
         return False
     return True
@@ -747,31 +888,34 @@ ALLOW_ORIGIN = "Access-Control-Allow-Origin"  # on every answer (CORS): see allo
 class RateLimiter:
     """A token bucket per client address: `rate` requests a second, in bursts of up to `burst`."""
 
-    MAX_CLIENTS = 100_000  # past this many buckets, the ones that have refilled are forgotten
+    MAX_CLIENTS = 100_000  # past this many buckets, the least recently used one is forgotten
 
     def __init__(self, rate: float, burst: float) -> None:
         self._rate = rate
         self._burst = burst
-        self._buckets: dict[str, tuple[float, float]] = {}  # client -> (tokens, when counted)
-        self._last_prune = 0.0
+        # client -> (tokens, when counted), least recently used first: forgetting one is O(1), however
+        # many clients there are (a scan of them all would stall the loop with many IPv6 clients).
+        self._buckets: collections.OrderedDict[str, tuple[float, float]] = collections.OrderedDict()
 
     def retry_after(self, client: str) -> float:
         """Take a token for client: 0 if it had one, else the seconds until it will."""
         now = time.monotonic()
-        tokens, counted = self._buckets.get(client, (self._burst, now))
-        tokens = min(self._burst, tokens + (now - counted) * self._rate)
+        buckets = self._buckets
+        bucket = buckets.get(client)
+        if bucket is None:
+            tokens = self._burst
+            if len(buckets) >= self.MAX_CLIENTS:
+                # The client idle the longest: if it comes back, it starts full, like a new one.
+                buckets.popitem(last=False)
+        else:
+            tokens, counted = bucket
+            tokens = min(self._burst, tokens + (now - counted) * self._rate)
+            buckets.move_to_end(client)
         if tokens < 1:
-            self._buckets[client] = (tokens, now)
+            buckets[client] = (tokens, now)
             return (1 - tokens) / self._rate
-        self._buckets[client] = (tokens - 1, now)
-        if len(self._buckets) > self.MAX_CLIENTS and now - self._last_prune > 1:
-            self._prune(now)
+        buckets[client] = (tokens - 1, now)
         return 0.0
-
-    def _prune(self, now: float) -> None:
-        self._last_prune = now
-        self._buckets = {client: (tokens, counted) for client, (tokens, counted) in self._buckets.items()
-                         if tokens + (now - counted) * self._rate < self._burst}
 
 
 POST_RATE = web.AppKey("post_rate", RateLimiter | None)  # None without --post-rate
@@ -784,6 +928,42 @@ def client_address(request: web.Request) -> str:
         if forwarded:
             return forwarded
     return request.remote or "unknown"
+
+
+class AccessLogger(web.AbstractAccessLogger):
+    """One line per request in the combined log format, as Apache and nginx write it, with the
+    client address as client_address takes it: behind --trust-proxy, the client's, not the proxy's."""
+
+    def __init__(self, logger: logging.Logger, log_format: str) -> None:
+        super().__init__(logger, log_format)  # the format is aiohttp's; this one is always combined
+        self._second = -1  # the clock's second that _timestamp shows: formatted once a second, not per line
+        self._timestamp = ""
+
+    @property
+    def enabled(self) -> bool:
+        return self.logger.isEnabledFor(logging.INFO)  # aiohttp formats no line that nothing would log
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time_taken: float) -> None:
+        second = int(time.time() - time_taken)  # when the request came, as %t says
+        if second != self._second:
+            self._second = second
+            self._timestamp = time.strftime("%d/%b/%Y:%H:%M:%S %z", time.localtime(second))
+        try:
+            client = client_address(request)  # type: ignore[arg-type]
+        except (AssertionError, AttributeError):  # a request aiohttp refused before routing has no app
+            client = request.remote or "-"
+        # %b is the body's size: aiohttp's body_length counts the headers too. A stream's isn't known.
+        body_size = response.content_length if request.method != "HEAD" else None
+        headers, version = request.headers, request.version
+        self.logger.info(
+            f'{client} - - [{self._timestamp}] "{request.method} {quoted(request.raw_path)} '
+            f'HTTP/{version.major}.{version.minor}" {response.status} {body_size or "-"} '
+            f'"{quoted(headers.get("Referer", "-"))}" "{quoted(headers.get("User-Agent", "-"))}"')
+
+
+def quoted(text: str) -> str:
+    """text for a quoted field of the access log: a quote in it must not end the field."""
+    return text.replace("\\", "\\\\").replace('"', '\\"')
 
 
 def readable_counter_id(request: web.Request) -> str:
@@ -821,7 +1001,9 @@ def changed_value_response(value: int) -> web.Response:
 
 
 def retry_later(status: type[web.HTTPException], reason: str, seconds: float) -> web.HTTPException:
-    return status(text=reason + "\n", headers={"Retry-After": str(max(1, math.ceil(seconds)))})
+    # Exposed: without it, a page on another origin can't read when to try again.
+    return status(text=reason + "\n", headers={"Retry-After": str(max(1, math.ceil(seconds))),
+                                               "Access-Control-Expose-Headers": "Retry-After"})
 
 
 async def read_body(request: web.Request) -> bytes:
@@ -868,7 +1050,10 @@ async def stream(request: web.Request, counter_ids: list[str], *, multi: bool) -
     signature = request.headers.get("Grip-Sig")
     if signature and request.app[GRIP] and grip_sig_valid(signature, request.app[SETTINGS].grip_key):
         return held_by_pushpin(request, counter_ids, multi)
-    if request.transport is not None and request.transport.get_extra_info("sslcontext") is not None:
+    transport = request.transport  # aiohttp forgets it when the client leaves: held for take_over
+    if transport is None:
+        raise web.HTTPBadRequest(text="the client left\n")  # not even this answer will arrive
+    if transport.get_extra_info("sslcontext") is not None:
         # The hub writes to the socket itself (see take_over), which TLS can't allow.
         raise retry_later(web.HTTPServiceUnavailable, "event streams need plain HTTP here: "
                           "terminate TLS in a proxy in front of livecounter", 3600)
@@ -878,18 +1063,23 @@ async def stream(request: web.Request, counter_ids: list[str], *, multi: bool) -
         raise retry_later(web.HTTPServiceUnavailable, reason, 10)
     if reason := hub.client_refusal(client):
         raise retry_later(web.HTTPTooManyRequests, reason, 10)
+    listener = hub.reserve(client, multi=multi, chunked=request.version >= HttpVersion11)
     # The origin now: allowing_origin adds it after the handler, and these headers go out first.
     response = web.StreamResponse(headers={**SSE_HEADERS, ALLOW_ORIGIN: request.app[SETTINGS].cors_origin})
-    await response.prepare(request)  # aiohttp chunks it for HTTP/1.1, as chunked= says below
     store = request.app[STORE]
-    sent = {counter_id: store.value(counter_id) for counter_id in counter_ids}
-    try:  # the headers and the first frames, in one packet (aiohttp does the chunking)
-        await response.write(encode_values(sent, stream_style(multi=multi, chunked=False)))
+    try:
+        await response.prepare(request)  # aiohttp chunks it for HTTP/1.1, as the listener's style says
+        first = {counter_id: store.announced_value(counter_id) for counter_id in counter_ids}
+        if None in first.values():  # deleted while the headers went out
+            return response
+        # The headers and the first frames in one packet (aiohttp does the chunking).
+        await response.write(encode_values(first, stream_style(multi=multi, chunked=False)))
+        await hub.take_over(listener, transport, first, store.announced_value)
     except ConnectionError:
-        return response  # the client left already
-    if request.transport is not None:
-        await hub.take_over(request.transport, sent, store.value,
-                            chunked=request.version >= HttpVersion11, multi=multi, client=client)
+        pass  # the client left: not a failure
+    finally:
+        if not listener.channels:  # never registered: the slot goes back, whatever the way out
+            hub.release(listener)
     return response  # aiohttp finds its side of the connection closed, and is done with it
 
 
@@ -898,7 +1088,7 @@ def held_by_pushpin(request: web.Request, counter_ids: list[str], multi: bool) -
     store = request.app[STORE]
     keepalive = max(1, round(request.app[SETTINGS].keepalive_interval))
     return web.Response(
-        body=encode_values({counter_id: store.value(counter_id) for counter_id in counter_ids},
+        body=encode_values({counter_id: store.announced_value(counter_id) for counter_id in counter_ids},
                            stream_style(multi=multi, chunked=False)),
         headers={**SSE_HEADERS, "Grip-Hold": "stream",
                  "Grip-Channel": ", ".join(grip_channel(counter_id, multi) for counter_id in counter_ids),
@@ -928,8 +1118,9 @@ def increment_handler(app: web.Application) -> Handler:
         except OverflowError:
             raise web.HTTPConflict(text=f"counter {counter_id!r} is at its maximum, {MAX_VALUE}\n") from None
         if store.durable:
-            await made_durable(store)
-        announce(hub, grip, counter_id, value)
+            await made_durable(store, counter_id)  # the save announces it
+        else:
+            announce(hub, grip, counter_id, value)
         return changed_value_response(value)
     return increment_counter
 
@@ -940,10 +1131,10 @@ def refuse_while_saves_fail(store: CounterStore) -> None:
         raise retry_later(web.HTTPServiceUnavailable, store.save_error, LAST_RETRY_DELAY)
 
 
-async def made_durable(store: CounterStore) -> None:
+async def made_durable(store: CounterStore, counter_id: str) -> None:
     """Durable mode: wait until the change is on disk; 503 with the reason if the save fails."""
     try:
-        await store.persisted()
+        await store.persisted(counter_id)
     except SaveFailed as failure:
         raise retry_later(web.HTTPServiceUnavailable, str(failure), LAST_RETRY_DELAY) from None
 
@@ -964,7 +1155,7 @@ def require_admin(request: web.Request) -> None:
     if not token:
         raise web.HTTPForbidden(text="admin writes are off: set LIVECOUNTER_ADMIN_TOKEN to allow them\n")
     scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+    if scheme.lower() != "bearer" or not hmac.compare_digest(raw_bytes(given.strip()), raw_bytes(token)):
         raise web.HTTPUnauthorized(text="a valid Authorization: Bearer token is needed\n",
                                    headers={"WWW-Authenticate": 'Bearer realm="livecounter"'})
 
@@ -984,8 +1175,9 @@ async def set_counter(request: web.Request) -> web.Response:
     refuse_while_saves_fail(store)
     store.set(counter_id, value)
     if store.durable:
-        await made_durable(store)
-    announce(request.app[HUB], request.app[GRIP], counter_id, value)
+        await made_durable(store, counter_id)  # the save announces it
+    else:
+        announce(request.app[HUB], request.app[GRIP], counter_id, value)
     return changed_value_response(value)
 
 
@@ -1000,8 +1192,9 @@ async def delete_counter(request: web.Request) -> web.Response:
     except KeyError:
         raise web.HTTPNotFound(text=f"unknown counter {counter_id!r}\n") from None
     if store.durable:
-        await made_durable(store)
-    announce(request.app[HUB], request.app[GRIP], counter_id, None)
+        await made_durable(store, counter_id)  # the save announces it
+    else:
+        announce(request.app[HUB], request.app[GRIP], counter_id, None)
     return web.Response(status=204)
 
 
@@ -1218,7 +1411,7 @@ EMBED_SCRIPT = """/* livecounter embed: <span data-livecounter="2"></span> becom
 (function () {
   "use strict";
   var base = new URL("counters/", document.currentScript.src).href;
-  var VALID = /^[A-Za-z0-9._-]{1,64}$/;
+  var VALID = /^(?!\\.+$)[A-Za-z0-9._-]{1,64}$/;  // the server's rule: not only dots
 
   function start() {
     var elements = document.querySelectorAll("[data-livecounter]");
@@ -1275,14 +1468,15 @@ def create_app(data_path: str | os.PathLike[str] = Settings.data_path, **options
     settings = Settings(data_path=Path(data_path), **options)  # type: ignore[arg-type]
     app = web.Application()
     app[SETTINGS] = settings
-    app[STORE] = CounterStore(
-        settings.data_path, load_counters(settings.data_path), save_interval=settings.save_interval,
-        durable=settings.durable, auto_create=settings.auto_create, max_counters=settings.max_counters)
-    app[HUB] = ListenerHub(
+    app[HUB] = hub = ListenerHub(
         keepalive_interval=settings.keepalive_interval, stall_timeout=settings.stall_timeout,
         max_listeners=settings.max_listeners or default_max_listeners(),
         max_listeners_per_client=settings.max_listeners_per_ip)
-    app[GRIP] = GripPublisher(settings.grip_urls) if settings.grip_urls else None
+    app[GRIP] = grip = GripPublisher(settings.grip_urls) if settings.grip_urls else None
+    app[STORE] = CounterStore(
+        settings.data_path, load_counters(settings.data_path), save_interval=settings.save_interval,
+        durable=settings.durable, auto_create=settings.auto_create, max_counters=settings.max_counters,
+        announce_durable=lambda counter_id, value: announce(hub, grip, counter_id, value))
     app[POST_RATE] = (RateLimiter(settings.post_rate, burst=max(1.0, 2 * settings.post_rate))
                       if settings.post_rate else None)
     # The route's pattern is the id rule: aiohttp's own match checks it (a check of ours cost 1.4% of a POST).
@@ -1294,10 +1488,10 @@ def create_app(data_path: str | os.PathLike[str] = Settings.data_path, **options
         # Only ids the counter routes refused get here: 400 whatever the method (a preflight still passes).
         (("/counters/{counter_id}/", "/counters/{counter_id}"), {"OPTIONS": preflight, "*": invalid_counter_id}),
         (("/counters/", "/counters"), {"GET": list_counters, "HEAD": list_counters, "OPTIONS": preflight}),
-        (("/healthz",), {"GET": health, "HEAD": health}),
-        (("/metrics",), {"GET": metrics, "HEAD": metrics}),
-        (("/",), {"GET": home, "HEAD": home}),
-        (("/embed.js",), {"GET": embed_script, "HEAD": embed_script}),
+        (("/healthz", "/healthz/"), {"GET": health, "HEAD": health, "OPTIONS": preflight}),
+        (("/metrics", "/metrics/"), {"GET": metrics, "HEAD": metrics, "OPTIONS": preflight}),
+        (("/",), {"GET": home, "HEAD": home, "OPTIONS": preflight}),
+        (("/embed.js", "/embed.js/"), {"GET": embed_script, "HEAD": embed_script, "OPTIONS": preflight}),
     ]
     for paths, handlers in routes:
         methods = [method for method in handlers if method != "*"]
@@ -1308,6 +1502,7 @@ def create_app(data_path: str | os.PathLike[str] = Settings.data_path, **options
             resource = app.router.add_resource(path)
             for method, handler in answers.items():
                 resource.add_route(method, allowing_origin(settings.cors_origin, handler))
+    # Any other path, whatever the method: 404 (a preflight too: nothing there would take the request).
     app.router.add_route("*", "/{path:.*}", allowing_origin(settings.cors_origin, no_such_path))
     app.cleanup_ctx.append(run_background_work)
     app.on_shutdown.append(end_streams)
@@ -1357,13 +1552,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     "set with the LIVECOUNTER_* variable named beside it; LIVECOUNTER_ADMIN_TOKEN "
                     "(no option: it would show in ps) allows PUT and DELETE.",
     )
+    appended_from_environment: dict[str, list[str]] = {}  # an append option's name -> its variable's values
 
     def option(flag: str, help: str, default: object, shown_default: object = None, **kwargs: object) -> None:
-        variable = "LIVECOUNTER_" + flag.lstrip("-").replace("-", "_").upper()
+        name = flag.lstrip("-").replace("-", "_")
+        variable = "LIVECOUNTER_" + name.upper()
         if kwargs.get("action") == "store_true":
             default = os.environ.get(variable, "").lower() in ("1", "true", "yes", "on")
         elif kwargs.get("action") == "append":
-            default = os.environ.get(variable, "").split() or None
+            # argparse appends to the default: the variable's values would join the command line's.
+            appended_from_environment[name] = os.environ.get(variable, "").split()
+            default = None
         else:
             default = os.environ.get(variable, default)
         parser.add_argument(flag, default=default, **kwargs,
@@ -1401,7 +1600,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
            None, shown_default="logged", action="store_true")
     option("--max-listeners-per-ip", "concurrent event streams per client address; past it, 429",
            defaults.max_listeners_per_ip, type=positive_int)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    for name, values in appended_from_environment.items():
+        if getattr(args, name) is None:  # the command line wins, as for every other option
+            setattr(args, name, values or None)
+    return args
 
 
 def raise_open_file_limit() -> None:
@@ -1427,19 +1630,46 @@ def main(argv: list[str] | None = None) -> int:
     except DataFileError as error:
         print(f"livecounter: {error}", file=sys.stderr)
         return 2
-    host = f"[{args.host}]" if ":" in args.host else args.host
-    url = f"http://{host}:{args.port}/"
+    access_log = None if args.no_access_log else logging.getLogger("aiohttp.access")
     loop = uvloop.new_event_loop() if uvloop is not None else asyncio.new_event_loop()
+    try:
+        return loop.run_until_complete(serve(app, args.host, args.port, access_log))
+    finally:
+        if left_running := asyncio.all_tasks(loop):  # whatever a handler left behind
+            for task in left_running:
+                task.cancel()
+            loop.run_until_complete(asyncio.gather(*left_running, return_exceptions=True))
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()
+
+
+async def serve(app: web.Application, host: str, port: int, access_log: logging.Logger | None) -> int:
+    """Serve until SIGINT or SIGTERM, then stop cleanly: end the streams, let the requests in progress
+    finish (5 s at most), save. A second signal doesn't cut that short (aiohttp's run_app would
+    cancel the stop, final save included): it is logged and ignored."""
+    runner = web.AppRunner(app, access_log=access_log, access_log_class=AccessLogger, shutdown_timeout=5)
+    await runner.setup()
     try:
         # backlog: after a restart every browser's EventSource reconnects at once; 128 queued
         # connections overflow and the rest wait a SYN retransmit (1 s, then 3 s, ...) each.
-        web.run_app(app, host=args.host, port=args.port, loop=loop, shutdown_timeout=5, backlog=4096,
-                    access_log=None if args.no_access_log else logging.getLogger("aiohttp.access"),
-                    print=lambda _: print(f"livecounter serving {url} (Ctrl+C to stop)", flush=True))
+        await web.TCPSite(runner, host, port, backlog=4096).start()
     except OSError as error:  # the port is taken, or the address is not this machine's
-        print(f"livecounter: cannot listen on {args.host}:{args.port}: {error.strerror or error}",
-              file=sys.stderr)
+        print(f"livecounter: cannot listen on {host}:{port}: {error.strerror or error}", file=sys.stderr)
+        await runner.cleanup()
         return 1
+    stopping = asyncio.Event()
+
+    def on_signal(signal_number: int) -> None:
+        if stopping.is_set():
+            log.warning("%s: already stopping (saving, then exiting); ignored", signal.Signals(signal_number).name)
+        stopping.set()
+
+    for signal_number in (signal.SIGINT, signal.SIGTERM):
+        asyncio.get_running_loop().add_signal_handler(signal_number, on_signal, signal_number)
+    shown_host = f"[{host}]" if ":" in host else host
+    print(f"livecounter serving http://{shown_host}:{port}/ (Ctrl+C to stop)", flush=True)
+    await stopping.wait()
+    await runner.cleanup()
     return 0
 
 

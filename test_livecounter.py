@@ -8,6 +8,7 @@ import asyncio
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -91,6 +92,17 @@ async def recv_until(sock, marker: bytes, received=b"", timeout=5):
     return received
 
 
+async def recv_all(sock, timeout=5):
+    """Everything the server sends until it closes the connection (ask it to: Connection: close)."""
+    loop = asyncio.get_running_loop()
+    received = b""
+    async with asyncio.timeout(timeout):
+        while data := await loop.sock_recv(sock, 65536):
+            received += data
+    sock.close()
+    return received
+
+
 def free_port():
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -105,13 +117,14 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         self.args = ["--port", str(self.port), "--data", str(data_file), *args]
         self.env = {**os.environ, **(env or {})}
+        self.command = [sys.executable, str(HERE / "livecounter.py")]
 
         self.log = Path(data_file).with_suffix(".log")  # stderr: a pipe nobody reads would fill up
 
     async def start(self):
         with open(self.log, "ab") as log:
             self.process = await asyncio.create_subprocess_exec(
-                sys.executable, str(HERE / "livecounter.py"), *self.args, env=self.env,
+                *self.command, *self.args, env=self.env,
                 stdout=asyncio.subprocess.PIPE, stderr=log)
         line = await asyncio.wait_for(self.process.stdout.readline(), 10)
         assert f"serving {self.url}/ " in line.decode(), line
@@ -123,8 +136,9 @@ class Server:
         return self.process.returncode
 
 
-def sse_request(path="/counters/2/", version="1.1"):
-    return f"GET {path} HTTP/{version}\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n".encode()
+def sse_request(path="/counters/2/", version="1.1", close=False):
+    connection = "Connection: close\r\n" if close else ""
+    return f"GET {path} HTTP/{version}\r\nHost: x\r\nAccept: text/event-stream\r\n{connection}\r\n".encode()
 
 
 # --- values over plain HTTP ------------------------------------------------------------------------
@@ -316,6 +330,20 @@ async def test_a_multi_counter_stream_refuses_bad_id_lists(make_client):
     assert await read_frame(stream) == b'event: counter\ndata: {"id": "c0", "value": 0}\n\n'
 
 
+async def test_a_grip_sig_that_is_not_utf8_gets_a_direct_stream(make_client):
+    # Bytes that aren't UTF-8 can't be Pushpin's signature: the stream is served here, like any other.
+    client = await make_client(grip_urls=("http://127.0.0.1:9/",), grip_key="the key Pushpin signs Grip-Sig with")
+    sock = await open_raw(client, b"GET /counters/2/ HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n"
+                                  b"Grip-Sig: \xff\xfe\r\n\r\n")
+    head, _, body = (await recv_until(sock, b"\r\n\r\n")).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 "), head
+    assert b"grip-hold" not in head.lower()
+    assert await recv_until(sock, b"\n\n\r\n", body) == b"18\r\nevent: message\ndata: 0\n\n\r\n"
+    await client.post("/counters/2/")
+    assert await recv_until(sock, b"\n\n\r\n") == b"18\r\nevent: message\ndata: 1\n\n\r\n"
+    sock.close()
+
+
 # --- listeners that stop reading -------------------------------------------------------------------
 
 async def test_a_frozen_listener_skips_values_and_catches_up_with_the_latest(client):
@@ -376,10 +404,33 @@ async def test_an_invalid_id_gets_400_with_a_reason(client, path):
                                 ("PATCH", {})):
             response = await client.request(method, request_path, headers=headers)
             assert response.status == 400, (method, request_path)
-            assert await response.text() == "invalid counter id: an id is 1-64 letters, digits, '.', '_' or '-'\n"
+            assert await response.text() == ("invalid counter id: an id is 1-64 letters, digits, '.', '_' or '-', "
+                                             "and not only dots\n")
             assert response.headers["Access-Control-Allow-Origin"] == "*"
         response = await client.options(request_path)  # a preflight passes: the request then gets its 400
         assert response.status == 204
+
+
+async def test_an_id_of_only_dots_gets_400(make_client):
+    # Browsers resolve "." and ".." in a path (aiohttp's client too, hence raw requests): no page could
+    # reach such a counter. Auto-create and the admin token are on, so only the id refuses them.
+    client = await make_client(auto_create=True, admin_token="s3cret")
+    reason = b"invalid counter id: an id is 1-64 letters, digits, '.', '_' or '-', and not only dots\n"
+    for path in ("/counters/./", "/counters/.", "/counters/../", "/counters/..", "/counters/.../", "/counters/..."):
+        for method, headers in (("GET", ""), ("GET", "Accept: text/event-stream\r\n"), ("POST", ""),
+                                ("PUT", "Authorization: Bearer s3cret\r\n"),
+                                ("DELETE", "Authorization: Bearer s3cret\r\n")):
+            body = b'{"value": 5}' if method == "PUT" else b""
+            answer = await recv_all(await open_raw(client, (
+                f"{method} {path} HTTP/1.1\r\nHost: x\r\n{headers}Content-Length: {len(body)}\r\n"
+                f"Connection: close\r\n\r\n").encode() + body))
+            assert answer.startswith(b"HTTP/1.1 400 ") and answer.endswith(reason), (method, path, answer)
+    answer = await recv_all(await open_raw(
+        client, b"GET /counters/?ids=1,.. HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\nConnection: close\r\n\r\n"))
+    assert answer.startswith(b"HTTP/1.1 400 ") and answer.endswith(b"invalid counter id '..': " + reason[20:]), answer
+    for valid in ("..a", "a..", ".a"):  # dots with anything else are ids like any other
+        assert await (await client.post(f"/counters/{valid}/")).text() == "1\n"
+    assert set(await (await client.get("/counters/")).json()) == set(ZEROS) | {"..a", "a..", ".a"}
 
 
 async def test_an_unknown_counter_gets_404(client):
@@ -486,6 +537,19 @@ async def test_admin_writes_need_the_token(make_client):
     assert await (await client.get("/counters/1/")).text() == "0\n"
 
 
+async def test_an_authorization_that_is_not_utf8_gets_401(make_client):
+    client = await make_client(admin_token="s3cret")
+    for method in ("PUT", "DELETE"):
+        answer = await recv_all(await open_raw(client, f"{method} /counters/1/ HTTP/1.1\r\nHost: x\r\n".encode()
+                                               + b"Authorization: Bearer \xff\xfe\r\nContent-Length: 12\r\n"
+                                                 b'Connection: close\r\n\r\n{"value": 5}'))
+        head = answer.partition(b"\r\n\r\n")[0].lower()
+        assert head.startswith(b"http/1.1 401 "), answer
+        assert b"\r\naccess-control-allow-origin: *\r\n" in head + b"\r\n"
+        assert b"\r\nwww-authenticate: bearer" in head
+    assert await (await client.get("/counters/1/")).text() == "0\n"
+
+
 async def test_admin_sets_creates_and_deletes_counters(make_client, data_file):
     client = await make_client(admin_token="s3cret", save_interval=0.1)
     admin = {"Authorization": "Bearer s3cret"}
@@ -533,6 +597,20 @@ async def test_forwarded_for_is_ignored_unless_the_proxy_is_trusted(make_client)
     statuses = [(await client.post("/counters/1/", headers={"X-Forwarded-For": f"10.0.0.{i}"})).status
                 for i in range(4)]
     assert statuses.count(429) == 2  # one bucket for the real address, whatever the header says
+
+
+def test_the_rate_limiter_forgets_the_least_recently_seen_clients(monkeypatch):
+    # Each request forgets at most one bucket, not a scan of them all, and a client that keeps going
+    # is the most recently seen: it keeps its bucket, and its limit.
+    from livecounter import RateLimiter
+    monkeypatch.setattr(RateLimiter, "MAX_CLIENTS", 3)
+    limiter = RateLimiter(rate=0.01, burst=2)
+    waits = []
+    for i in range(20):
+        assert limiter.retry_after(f"2001:db8::{i}") == 0  # a new client has its burst
+        waits.append(limiter.retry_after("2001:db8::ffff"))
+        assert len(limiter._buckets) <= 3
+    assert waits[:2] == [0, 0] and all(wait > 0 for wait in waits[2:]), waits
 
 
 async def test_streams_per_client_are_capped(make_client):
@@ -593,6 +671,28 @@ async def test_preflight_is_answered(client):
     assert response.headers["Access-Control-Allow-Headers"] == "content-type, x-requested-with"
 
 
+async def test_preflight_is_answered_on_every_path(client):
+    for path in ("/", "/embed.js", "/embed.js/", "/metrics", "/metrics/", "/healthz", "/healthz/",
+                 "/counters", "/counters/", "/counters/1", "/counters/1/"):
+        response = await client.options(path, headers={"Origin": "https://blog.example",
+                                                       "Access-Control-Request-Method": "GET"})
+        assert response.status == 204, path
+        assert response.headers["Access-Control-Allow-Origin"] == "*"
+        assert "GET" in response.headers["Access-Control-Allow-Methods"]
+
+
+async def test_retry_after_is_readable_from_other_origins(make_client):
+    client = await make_client(post_rate=1, max_listeners=1)
+    stream = await client.get("/counters/1/", headers=SSE)
+    refusals = [await client.get("/counters/2/", headers=SSE)]  # past --max-listeners
+    refusals += [await client.post("/counters/1/") for _ in range(3)][2:]  # past the burst of 2
+    assert [refusal.status for refusal in refusals] == [503, 429]
+    for refusal in refusals:
+        assert refusal.headers["Retry-After"].isdigit()
+        assert refusal.headers["Access-Control-Expose-Headers"] == "Retry-After"
+    stream.close()
+
+
 async def test_cors_origin_restricts(make_client):
     client = await make_client(cors_origin="https://mine.example")
     origin = {"Origin": "https://other.example"}
@@ -620,6 +720,14 @@ async def test_embed_js_is_served_to_any_origin(client):
     assert response.content_type == "text/javascript"
     assert response.headers["Access-Control-Allow-Origin"] == "*"
     assert "data-livecounter" in await response.text()
+
+
+async def test_pages_and_operator_endpoints_work_with_a_trailing_slash_too(client):
+    for path in ("/healthz", "/metrics", "/embed.js"):
+        plain, slashed = await client.get(path), await client.get(path + "/")
+        assert slashed.status == 200, path
+        assert slashed.content_type == plain.content_type
+    assert await (await client.get("/healthz/")).text() == "ok\n"
 
 
 async def test_metrics_in_prometheus_text_format(make_client):
@@ -726,6 +834,24 @@ async def test_a_missing_data_file_starts_empty_and_is_created(make_client, tmp_
     assert json.loads(path.read_text()) == {}
 
 
+async def test_a_save_keeps_a_symlinked_data_file_and_its_mode(make_client, tmp_path):
+    # A data file may be a link (to a volume, say) to a private file: a save replaces the file it
+    # points to, which keeps its mode, and the link stays a link.
+    real = tmp_path / "volume" / "counters.json"
+    real.parent.mkdir()
+    real.write_text(json.dumps(ZEROS))
+    real.chmod(0o600)
+    link = tmp_path / "link.json"
+    link.symlink_to(real)
+    client = await make_client(data_path=link, save_interval=0.1)
+    assert await (await client.post("/counters/1/")).text() == "1\n"
+    await asyncio.sleep(0.5)
+    assert link.is_symlink() and link.resolve() == real
+    assert json.loads(real.read_text())["1"] == 1
+    assert real.stat().st_mode & 0o777 == 0o600
+    assert [path.name for path in real.parent.iterdir()] == ["counters.json"]  # no temporary file left
+
+
 # --- the command line, as separate processes -------------------------------------------------------
 
 async def test_values_survive_a_restart(data_file):
@@ -798,6 +924,7 @@ async def test_kill_9_during_saves_leaves_a_valid_file(data_file):
     ('{"1": true}', "holds true, not an integer"),
     ('{"1": "3"}', 'holds "3", not an integer'),
     ('{"a b": 1}', "invalid counter id 'a b'"),
+    ('{"..": 1}', "invalid counter id '..'"),
     ('{"1": 9007199254740992}', "outside"),
     ('{"1": 1, "1": 2}', "appears twice"),
     ("\xff", "cannot read"),
@@ -840,6 +967,32 @@ async def test_the_access_log_is_on_unless_turned_off(data_file):
         assert ('"POST /counters/5/ HTTP/1.1" 200' in log and '"probe/1"' in log) == logged, log
 
 
+def test_the_command_line_wins_over_the_environment_for_grip_urls(monkeypatch):
+    from livecounter import parse_args
+    monkeypatch.setenv("LIVECOUNTER_GRIP_URL", "http://a.example/ http://c.example/")
+    assert parse_args(["--grip-url", "http://b.example/"]).grip_url == ["http://b.example/"]
+    assert parse_args([]).grip_url == ["http://a.example/", "http://c.example/"]
+    monkeypatch.delenv("LIVECOUNTER_GRIP_URL")
+    assert parse_args([]).grip_url is None
+
+
+async def test_the_access_log_is_in_the_combined_format_with_the_client_address(data_file):
+    server = await Server(data_file, "--trust-proxy").start()
+    async with aiohttp.ClientSession() as session:
+        await session.post(f"{server.url}/counters/5/", headers={
+            "X-Forwarded-For": "198.51.100.7, 203.0.113.5", "Referer": "https://blog.example/",
+            "User-Agent": 'probe/1 "quoted"'})
+        await session.get(f"{server.url}/counters/5/", headers={"User-Agent": "probe/2"})
+    await server.stop()
+    log = server.log.read_text()
+    timestamp = r"\[\d\d/[A-Z][a-z]{2}/\d{4}:\d\d:\d\d:\d\d [+-]\d{4}\]"
+    # With --trust-proxy, the address the proxy appended; the request's own without X-Forwarded-For.
+    assert re.search(rf'(^|\s)203\.0\.113\.5 - - {timestamp} "POST /counters/5/ HTTP/1\.1" 200 2 '
+                     r'"https://blog\.example/" "probe/1 \\"quoted\\""$', log, re.M), log
+    assert re.search(rf'(^|\s)127\.0\.0\.1 - - {timestamp} "GET /counters/5/ HTTP/1\.1" 200 2 "-" "probe/2"$',
+                     log, re.M), log
+
+
 async def test_help_documents_every_option():
     process = await asyncio.create_subprocess_exec(
         sys.executable, str(HERE / "livecounter.py"), "--help", stdout=asyncio.subprocess.PIPE)
@@ -864,3 +1017,232 @@ async def test_a_taken_port_is_one_clear_line(data_file):
         _, stderr = await asyncio.wait_for(process.communicate(), 10)
     assert process.returncode == 1
     assert "cannot listen on 127.0.0.1" in stderr.decode().splitlines()[-1]
+
+
+# --- every edge: races, leaks and stops, against the server process ---------------------------------
+
+def open_fds(process):
+    return len(os.listdir(f"/proc/{process.pid}/fd"))
+
+
+def rss_bytes(process):
+    for line in Path(f"/proc/{process.pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+async def eventually(condition, timeout=5, message=""):
+    """Wait until condition() is true; fail with message (and the last result) after timeout."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not (result := condition()):
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"{message} (last: {result!r})")
+        await asyncio.sleep(0.05)
+
+
+async def metric(session, url, name):
+    text = await (await session.get(f"{url}/metrics")).text()
+    return float(next(line.split()[1] for line in text.splitlines() if line.startswith(f"livecounter_{name} ")))
+
+
+def stream_values(received: bytes) -> list[int]:
+    """Every value on a single-counter stream so far, whatever its framing (chunked or not)."""
+    return [int(value) for value in re.findall(rb"event: message\ndata: (-?\d+)\n\n", received)]
+
+
+async def read_for(sock, seconds, received=b""):
+    """What the socket receives in the next `seconds` (less if the server closes it)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    while (left := deadline - loop.time()) > 0:
+        try:
+            data = await asyncio.wait_for(loop.sock_recv(sock, 65536), left)
+        except asyncio.TimeoutError:
+            break
+        if not data:
+            break
+        received += data
+    return received
+
+
+async def post_forever(session, url, stop):
+    acknowledged = 0
+    while not stop.is_set():
+        async with session.post(url) as response:
+            assert response.status == 200
+            acknowledged = max(acknowledged, int(await response.text()))
+    return acknowledged
+
+
+@pytest.mark.parametrize("mode, idle_listeners", [("default", 1), ("default", 1000), ("--durable", 1)])
+async def test_a_new_stream_never_goes_backwards_while_posts_run(data_file, mode, idle_listeners):
+    # A new stream's first frame is the newest value; a broadcast pending or resting at that moment
+    # carried an older one, and in durable mode the change waiting for its save is older still.
+    server = await Server(data_file, "--max-listeners-per-ip", "2000", *([mode] if mode != "default" else [])).start()
+    idle = [await open_raw(server.port, sse_request("/counters/2/")) for _ in range(idle_listeners)]
+    stop = asyncio.Event()
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+        posters = [asyncio.create_task(post_forever(session, f"{server.url}/counters/2/", stop)) for _ in range(8)]
+        try:
+            for _ in range(40):
+                sock = await open_raw(server.port, sse_request("/counters/2/"))
+                values = stream_values(await read_for(sock, 0.15, await recv_until(sock, b"data: ")))
+                sock.close()
+                assert values, "the stream sent nothing"
+                assert values == sorted(values), f"a stream went backwards: {values[:20]}"
+        finally:
+            stop.set()
+            acknowledged = max(await asyncio.gather(*posters))
+        sock = await open_raw(server.port, sse_request("/counters/2/"))
+        assert stream_values(await recv_until(sock, b"data: %d\n" % acknowledged))[-1] == acknowledged
+        sock.close()
+    for sock in idle:
+        sock.close()
+    assert await server.stop() == 0
+
+
+async def test_stream_limits_hold_for_requests_that_arrive_together(data_file):
+    server = await Server(data_file, "--max-listeners-per-ip", "2", "--max-listeners", "3",
+                          "--trust-proxy").start()
+    try:
+        for round in range(10):
+            # 40 requests written back to back: from one address (its cap: 2), from 40 (the cap: 3).
+            for forwarded in (lambda i: "10.0.0.1", lambda i: f"10.0.1.{i}"):
+                socks = [await open_raw(server.port, (
+                    f"GET /counters/2/ HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n"
+                    f"X-Forwarded-For: {forwarded(i)}\r\n\r\n").encode()) for i in range(40)]
+                statuses = [(await recv_until(sock, b"\r\n")).split(b" ")[1] for sock in socks]
+                served = statuses.count(b"200")
+                assert served == (2 if forwarded(0) == forwarded(1) else 3), statuses
+                assert set(statuses) <= {b"200", b"429", b"503"}
+                for sock in socks:
+                    sock.close()
+                async with aiohttp.ClientSession() as session:
+                    for _ in range(100):  # the server hears of the departures
+                        if await metric(session, server.url, "listeners") == 0:
+                            break
+                        await asyncio.sleep(0.05)
+                    assert await metric(session, server.url, "listeners") == 0
+    finally:
+        await server.stop()
+
+
+async def test_a_delete_racing_a_new_stream_ends_it_and_holds_no_descriptor(data_file):
+    server = await Server(data_file, env={"LIVECOUNTER_ADMIN_TOKEN": "secret"}).start()
+    admin = {"Authorization": "Bearer secret"}
+    async with aiohttp.ClientSession() as session:
+        await session.get(f"{server.url}/healthz")  # the session's connection is open from here on
+        baseline = open_fds(server.process)
+        for round in range(50):
+            assert (await session.put(f"{server.url}/counters/r/", json={"value": round}, headers=admin)).status == 200
+            stream = await open_raw(server.port, sse_request("/counters/r/", close=True))
+            await asyncio.sleep(round % 10 / 1000)  # the DELETE lands somewhere in the stream's start
+            deleted = await session.delete(f"{server.url}/counters/r/", headers=admin)
+            assert deleted.status == 204
+            received = await read_for(stream, 5)  # until the server ends it: 404, or the stream's end
+            assert received.startswith((b"HTTP/1.1 404", b"HTTP/1.1 200")), received
+            if received.startswith(b"HTTP/1.1 200"):
+                assert received.endswith(b"0\r\n\r\n"), f"the stream of a deleted counter did not end: {received!r}"
+            stream.close()
+        await eventually(lambda: open_fds(server.process) <= baseline, message="descriptors leaked")
+        assert await metric(session, server.url, "listeners") == 0
+    assert await server.stop() == 0
+    assert "Traceback" not in server.log.read_text()
+
+
+async def test_deleting_a_counter_whose_listener_stopped_reading_closes_its_connection(data_file):
+    server = await Server(data_file, env={"LIVECOUNTER_ADMIN_TOKEN": "secret"}).start()
+    async with aiohttp.ClientSession() as session:
+        await session.post(f"{server.url}/counters/3/")  # the session's connection is open from here on
+        baseline = open_fds(server.process)
+        frozen = await open_raw(server.port, sse_request("/counters/3/"), rcvbuf=2048)
+        await eventually(lambda: open_fds(server.process) > baseline)
+        for _ in range(5000):  # more than its socket buffers hold: the server has bytes it can't send
+            await session.post(f"{server.url}/counters/3/")
+        response = await session.delete(f"{server.url}/counters/3/", headers={"Authorization": "Bearer secret"})
+        assert response.status == 204
+        await eventually(lambda: open_fds(server.process) <= baseline, message="the frozen listener's socket is held")
+        assert await metric(session, server.url, "listeners") == 0
+    frozen.close()
+    assert await server.stop() == 0
+
+
+async def test_streams_work_on_a_unix_socket_site(tmp_path, data_file):
+    app = create_app(data_file)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    path = str(tmp_path / "livecounter.sock")
+    await web.UnixSite(runner, path).start()
+    try:
+        async with aiohttp.ClientSession(connector=aiohttp.UnixConnector(path)) as session:
+            stream = await session.get("http://x/counters/2/", headers=SSE)
+            assert await read_frame(stream) == frame(0)
+            assert await (await session.post("http://x/counters/2/")).text() == "1\n"
+            assert await read_frame(stream) == frame(1)
+            stream.close()
+    finally:
+        await runner.cleanup()
+
+
+@pytest.mark.parametrize("event_loop", ["uvloop", "asyncio"])
+async def test_a_listener_that_stops_reading_costs_its_socket_buffers_not_more(data_file, event_loop):
+    # 50 listeners that never read, through thousands of broadcasts: the server's memory grows by
+    # what each one's socket buffers hold, on either event loop.
+    pytest.importorskip("uvloop") if event_loop == "uvloop" else None
+    choice = "" if event_loop == "uvloop" else "livecounter.uvloop = None; "
+    server = Server(data_file, "--save-interval", "60")
+    server.command = [sys.executable, "-c", f"import sys, livecounter; {choice}sys.exit(livecounter.main(sys.argv[1:]))"]
+    await server.start()
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+        async def post(counter, times):
+            for _ in range(times):
+                await session.post(f"{server.url}/counters/{counter}/")
+
+        await asyncio.gather(*(post(5, 1000) for _ in range(8)))  # the server's own allocations settle
+        frozen = [await open_raw(server.port, sse_request("/counters/3/"), rcvbuf=2048) for _ in range(50)]
+        await post(5, 500)
+        before = rss_bytes(server.process)
+        broadcasts = await metric(session, server.url, "broadcasts_total")
+        for _ in range(30):  # one poster: most of its POSTs are a broadcast of their own
+            await post(3, 1000)
+            if await metric(session, server.url, "broadcasts_total") - broadcasts > 6000:
+                break
+        else:
+            raise AssertionError("fewer than 6,000 broadcasts")
+        grown = rss_bytes(server.process) - before
+        assert grown < 50 * 40 * 1024, f"{grown / 50 / 1024:.0f} KiB per frozen listener"
+    for sock in frozen:
+        sock.close()
+    await server.stop()
+
+
+@pytest.mark.parametrize("second_signal", [signal.SIGTERM, signal.SIGINT])
+async def test_a_second_signal_during_the_stop_loses_nothing(data_file, second_signal):
+    server = await Server(data_file, "--save-interval", "60").start()
+    # A request in progress when the stop begins: the stop waits for it, and a second signal comes.
+    slow = await open_raw(server.port, b"POST /counters/2/ HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nab")
+    async with aiohttp.ClientSession() as session:
+        for _ in range(5):
+            assert (await session.post(f"{server.url}/counters/1/")).status == 200
+    server.process.send_signal(signal.SIGTERM)
+    await asyncio.sleep(0.5)
+    server.process.send_signal(second_signal)
+    assert await server.stop(timeout=15) == 0
+    assert json.loads(data_file.read_text())["1"] == 5
+    assert "already stopping" in server.log.read_text()
+    slow.close()
+
+
+async def test_a_client_that_leaves_early_is_not_a_failure(data_file):
+    server = await Server(data_file).start()
+    for _ in range(200):
+        sock = await open_raw(server.port, sse_request())
+        sock.close()
+    async with aiohttp.ClientSession() as session:  # all of them were handled by now
+        assert await metric(session, server.url, "listeners") == 0
+        await asyncio.sleep(0.5)
+        assert await metric(session, server.url, "listeners") == 0
+    assert await server.stop() == 0
+    log = server.log.read_text()
+    assert "Traceback" not in log and "Error" not in log, log[:2000]
