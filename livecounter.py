@@ -46,6 +46,7 @@ import stat
 import sys
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 from pathlib import Path
 
 import aiohttp
@@ -58,6 +59,8 @@ try:
 except ImportError:  # optional: asyncio's own loop serves too, a little slower
     uvloop = None
 
+__version__ = "1.1.0"
+
 log = logging.getLogger("livecounter")
 
 
@@ -65,25 +68,57 @@ log = logging.getLogger("livecounter")
 # Configuration
 # --------------------------------------------------------------------------------------------------
 
+def positive_float(text: str) -> float:
+    number = float(text)
+    if not number > 0:
+        raise ValueError(f"must be a positive number: {text!r}")
+    return number
+
+
+def positive_int(text: str) -> int:
+    number = int(text)
+    if number < 1:
+        raise ValueError(f"must be at least 1: {text!r}")
+    return number
+
+
+def option(default: object, help: str, *, flag: str | None = None, parse: Callable[[str], object] | None = None,
+           shown: str | None = None) -> Any:
+    """A setting that is also a command-line option, --flag (the field's name unless given), and a
+    variable, LIVECOUNTER_<FLAG>; parse reads it from text, shown is how --help shows the default."""
+    return dataclasses.field(default=default, metadata={"help": help, "flag": flag, "parse": parse, "shown": shown})
+
+
 @dataclasses.dataclass(frozen=True)
 class Settings:
-    """Everything an operator can tune; create_app() and the command line both fill this in."""
+    """Everything an operator can tune: create_app() takes these as keywords, the command line as
+    options (see parse_args), each under the same name."""
 
-    data_path: Path = Path("counters.json")
-    save_interval: float = 1.0  # seconds between write-behind saves, at most one save per interval
-    keepalive_interval: float = 15.0  # seconds of silence before a stream gets a ":" comment
-    stall_timeout: float = 30.0  # seconds a listener may refuse data before it is disconnected
-    durable: bool = False  # answer a change only once it is on disk
-    auto_create: bool = False  # a POST to an unknown (valid) id creates the counter
-    max_counters: int = 10_000  # the most counters auto-create makes
-    post_rate: float | None = None  # increments per second per client address; None: unlimited
-    trust_proxy: bool = False  # the client address is the last one in X-Forwarded-For
-    cors_origin: str = "*"  # the Access-Control-Allow-Origin of every answer
-    max_listeners: int | None = None  # None: what the open-file limit allows, see default_max_listeners()
-    max_listeners_per_ip: int = 1000
+    data_path: Path = option(Path("counters.json"), "the JSON file holding the counters, relative to the "
+                             "working directory", flag="--data", parse=Path)
+    save_interval: float = option(1.0, "seconds between write-behind saves", parse=positive_float)
+    durable: bool = option(False, "answer a change only once it is on disk (group commit)")
+    auto_create: bool = option(False, "a POST to an unknown id creates the counter")
+    max_counters: int = option(10_000, "the most counters --auto-create makes", parse=positive_int)
+    post_rate: float | None = option(None, "increments per second per client address, in bursts of twice "
+                                     "that; past it, 429", parse=positive_float, shown="unlimited")
+    trust_proxy: bool = option(False, "take the client address from X-Forwarded-For (behind nginx or Pushpin)")
+    keepalive_interval: float = option(15.0, "seconds of silence before a stream gets a ':' comment",
+                                       parse=positive_float)
+    stall_timeout: float = option(30.0, "seconds a listener may refuse data before it is disconnected",
+                                  parse=positive_float)
+    cors_origin: str = option("*", "the Access-Control-Allow-Origin of every response")
+    max_listeners: int | None = option(None, "concurrent event streams; past it, 503", parse=positive_int,
+                                       shown="what the open-file limit allows")
+    max_listeners_per_ip: int = option(1000, "concurrent event streams per client address; past it, 429",
+                                       parse=positive_int)
+    grip_urls: tuple[str, ...] = option((), "a Pushpin instance's publish endpoint, e.g. "
+                                        "http://127.0.0.1:5561/ (repeat for each; the variable takes them "
+                                        "separated by spaces)", flag="--grip-url", shown="none")
+    grip_key: str | None = option(None, "the key Pushpin signs Grip-Sig with (its sig_key); unset, it is "
+                                  "not checked", shown="unset")
+    # Not an option: a token on the command line would show in ps. LIVECOUNTER_ADMIN_TOKEN sets it.
     admin_token: str | None = None  # PUT and DELETE need it as a Bearer token; None: they are off
-    grip_urls: tuple[str, ...] = ()  # Pushpin publish endpoints; empty: no GRIP
-    grip_key: str | None = None  # the key Pushpin signs Grip-Sig with; None: not checked
 
 
 def default_max_listeners() -> int:
@@ -549,14 +584,14 @@ class ListenerHub:
     latest value, never what an earlier broadcast carried."""
 
     def __init__(self, *, keepalive_interval: float, stall_timeout: float, max_listeners: int,
-                 max_listeners_per_client: int) -> None:
+                 max_listeners_per_ip: int) -> None:
         self._channels: dict[str, Channel] = {}
         self._behind: set[Listener] = set()
         self._per_client: dict[str, int] = {}  # listeners by client address
         self._keepalive_interval = keepalive_interval
         self._stall_timeout = stall_timeout
         self._max_listeners = max_listeners
-        self._max_listeners_per_client = max_listeners_per_client
+        self._max_listeners_per_ip = max_listeners_per_ip
         self._closing = False
         self.listener_count = 0
         self.broadcasts = 0  # for /metrics
@@ -572,8 +607,8 @@ class ListenerHub:
 
     def client_refusal(self, client: str) -> str | None:
         """Why this client can't open another stream, or None."""
-        if self._per_client.get(client, 0) >= self._max_listeners_per_client:
-            return f"too many streams from {client} (limit {self._max_listeners_per_client})"
+        if self._per_client.get(client, 0) >= self._max_listeners_per_ip:
+            return f"too many streams from {client} (limit {self._max_listeners_per_ip})"
         return None
 
     def reserve(self, client: str, *, multi: bool, chunked: bool) -> Listener:
@@ -1471,7 +1506,7 @@ def create_app(data_path: str | os.PathLike[str] = Settings.data_path, **options
     app[HUB] = hub = ListenerHub(
         keepalive_interval=settings.keepalive_interval, stall_timeout=settings.stall_timeout,
         max_listeners=settings.max_listeners or default_max_listeners(),
-        max_listeners_per_client=settings.max_listeners_per_ip)
+        max_listeners_per_ip=settings.max_listeners_per_ip)
     app[GRIP] = grip = GripPublisher(settings.grip_urls) if settings.grip_urls else None
     app[STORE] = CounterStore(
         settings.data_path, load_counters(settings.data_path), save_interval=settings.save_interval,
@@ -1531,80 +1566,71 @@ async def end_streams(app: web.Application) -> None:
 # Command line
 # --------------------------------------------------------------------------------------------------
 
-def positive_float(text: str) -> float:
-    number = float(text)
-    if not number > 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number: {text!r}")
-    return number
+@dataclasses.dataclass(frozen=True)
+class Serving:
+    """Options of the command line alone: where to listen, and the access log."""
+
+    host: str = option("127.0.0.1", "address to listen on")
+    port: int = option(8080, "port to listen on", parse=int)
+    no_access_log: bool = option(False, "don't log every request (the access log is in the combined format)",
+                                 shown="logged")
 
 
-def positive_int(text: str) -> int:
-    number = int(text)
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
-    return number
+OPTIONS = (*dataclasses.fields(Serving), *(field for field in dataclasses.fields(Settings) if field.metadata))
+
+
+def flag_of(field: dataclasses.Field) -> str:
+    return field.metadata["flag"] or "--" + field.name.replace("_", "-")
+
+
+def variable_of(field: dataclasses.Field) -> str:
+    return "LIVECOUNTER_" + flag_of(field)[2:].replace("-", "_").upper()
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command line, each option defaulting to its LIVECOUNTER_* variable, then to its field's default."""
     parser = argparse.ArgumentParser(
         prog="livecounter",
         description="Counters with live updates over Server-Sent Events. Every option can also be "
                     "set with the LIVECOUNTER_* variable named beside it; LIVECOUNTER_ADMIN_TOKEN "
-                    "(no option: it would show in ps) allows PUT and DELETE.",
-    )
-    appended_from_environment: dict[str, list[str]] = {}  # an append option's name -> its variable's values
-
-    def option(flag: str, help: str, default: object, shown_default: object = None, **kwargs: object) -> None:
-        name = flag.lstrip("-").replace("-", "_")
-        variable = "LIVECOUNTER_" + name.upper()
-        if kwargs.get("action") == "store_true":
-            default = os.environ.get(variable, "").lower() in ("1", "true", "yes", "on")
-        elif kwargs.get("action") == "append":
-            # argparse appends to the default: the variable's values would join the command line's.
-            appended_from_environment[name] = os.environ.get(variable, "").split()
-            default = None
-        else:
-            default = os.environ.get(variable, default)
-        parser.add_argument(flag, default=default, **kwargs,
-                            help=f"{help} (default: {shown_default or default}; env {variable})")
-
-    defaults = Settings()
-    option("--host", "address to listen on", "127.0.0.1")
-    option("--port", "port to listen on", 8080, type=int)
-    option("--data", "the JSON file holding the counters", str(defaults.data_path))
-    option("--save-interval", "seconds between write-behind saves", defaults.save_interval,
-           type=positive_float)
-    option("--durable", "answer a change only once it is on disk (group commit)", None,
-           shown_default="off", action="store_true")
-    option("--auto-create", "a POST to an unknown id creates the counter", None,
-           shown_default="off", action="store_true")
-    option("--max-counters", "the most counters --auto-create makes", defaults.max_counters,
-           type=positive_int)
-    option("--post-rate", "increments per second per client address, in bursts of twice that; past "
-           "it, 429", defaults.post_rate, shown_default="unlimited", type=positive_float)
-    option("--trust-proxy", "take the client address from X-Forwarded-For (behind nginx or Pushpin)",
-           None, shown_default="off", action="store_true")
-    option("--keepalive-interval", "seconds of silence before a stream gets a ':' comment",
-           defaults.keepalive_interval, type=positive_float)
-    option("--stall-timeout", "seconds a listener may refuse data before it is disconnected",
-           defaults.stall_timeout, type=positive_float)
-    option("--cors-origin", "the Access-Control-Allow-Origin of every response", defaults.cors_origin)
-    option("--max-listeners", "concurrent event streams; past it, 503", defaults.max_listeners,
-           shown_default="what the open-file limit allows", type=positive_int)
-    option("--grip-url", "a Pushpin instance's publish endpoint, e.g. http://127.0.0.1:5561/ "
-           "(repeat for each; the variable takes them separated by spaces)", None,
-           shown_default="none", action="append")
-    option("--grip-key", "the key Pushpin signs Grip-Sig with (its sig_key); unset, it is not checked",
-           defaults.grip_key, shown_default="unset")
-    option("--no-access-log", "don't log every request (the access log is in the combined format)",
-           None, shown_default="logged", action="store_true")
-    option("--max-listeners-per-ip", "concurrent event streams per client address; past it, 429",
-           defaults.max_listeners_per_ip, type=positive_int)
+                    "(no option: it would show in ps) allows PUT and DELETE.")
+    parser.add_argument("--version", action="version", version=f"livecounter {__version__}")
+    for field in OPTIONS:
+        add_option(parser, field)
     args = parser.parse_args(argv)
-    for name, values in appended_from_environment.items():
-        if getattr(args, name) is None:  # the command line wins, as for every other option
-            setattr(args, name, values or None)
+    for field in OPTIONS:
+        if isinstance(field.default, tuple):  # argparse appends to a default: the variable is read here
+            values = getattr(args, field.name) or os.environ.get(variable_of(field), "").split()
+            setattr(args, field.name, tuple(values))
     return args
+
+
+def add_option(parser: argparse.ArgumentParser, field: dataclasses.Field) -> None:
+    variable = variable_of(field)
+    from_environment = os.environ.get(variable)
+    shown = field.metadata["shown"]
+    if isinstance(field.default, bool):
+        kind = {"action": "store_true", "default": (from_environment or "").lower() in ("1", "true", "yes", "on")}
+        shown = shown or "off"
+    elif isinstance(field.default, tuple):
+        kind = {"action": "append", "default": None, "metavar": variable[12:]}
+    else:
+        parse = field.metadata["parse"]
+        kind = {"default": field.default if from_environment is None else from_environment,
+                "type": checked(parse) if parse else str, "metavar": variable[12:]}
+    parser.add_argument(flag_of(field), dest=field.name, **kind,
+                        help=f"{field.metadata['help']} (default: {shown or field.default}; env {variable})")
+
+
+def checked(parse: Callable[[str], object]) -> Callable[[str], object]:
+    """parse, its ValueError shown by argparse as the option's error."""
+    def parse_option(text: str) -> object:
+        try:
+            return parse(text)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+    parse_option.__name__ = parse.__name__.replace("_", " ")
+    return parse_option
 
 
 def raise_open_file_limit() -> None:
@@ -1619,14 +1645,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     raise_open_file_limit()
     try:
-        app = create_app(
-            args.data, save_interval=args.save_interval, durable=args.durable,
-            auto_create=args.auto_create, max_counters=args.max_counters, post_rate=args.post_rate,
-            trust_proxy=args.trust_proxy, keepalive_interval=args.keepalive_interval,
-            stall_timeout=args.stall_timeout, cors_origin=args.cors_origin,
-            max_listeners=args.max_listeners, max_listeners_per_ip=args.max_listeners_per_ip,
-            grip_urls=tuple(args.grip_url or ()), grip_key=args.grip_key,
-            admin_token=os.environ.get("LIVECOUNTER_ADMIN_TOKEN") or None)
+        app = create_app(**{field.name: getattr(args, field.name) for field in dataclasses.fields(Settings)
+                            if field.metadata}, admin_token=os.environ.get("LIVECOUNTER_ADMIN_TOKEN") or None)
     except DataFileError as error:
         print(f"livecounter: {error}", file=sys.stderr)
         return 2

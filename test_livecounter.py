@@ -5,6 +5,7 @@ about start-up, shutdown, restarts and crashes run `python livecounter.py` as a 
 """
 
 import asyncio
+import dataclasses
 import json
 import os
 import random
@@ -19,6 +20,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+import livecounter
 from livecounter import create_app
 
 HERE = Path(__file__).parent
@@ -970,10 +972,10 @@ async def test_the_access_log_is_on_unless_turned_off(data_file):
 def test_the_command_line_wins_over_the_environment_for_grip_urls(monkeypatch):
     from livecounter import parse_args
     monkeypatch.setenv("LIVECOUNTER_GRIP_URL", "http://a.example/ http://c.example/")
-    assert parse_args(["--grip-url", "http://b.example/"]).grip_url == ["http://b.example/"]
-    assert parse_args([]).grip_url == ["http://a.example/", "http://c.example/"]
+    assert parse_args(["--grip-url", "http://b.example/"]).grip_urls == ("http://b.example/",)
+    assert parse_args([]).grip_urls == ("http://a.example/", "http://c.example/")
     monkeypatch.delenv("LIVECOUNTER_GRIP_URL")
-    assert parse_args([]).grip_url is None
+    assert parse_args([]).grip_urls == ()
 
 
 async def test_the_access_log_is_in_the_combined_format_with_the_client_address(data_file):
@@ -998,12 +1000,22 @@ async def test_help_documents_every_option():
         sys.executable, str(HERE / "livecounter.py"), "--help", stdout=asyncio.subprocess.PIPE)
     stdout, _ = await process.communicate()
     text = " ".join(stdout.decode().split())
-    for option in ("--host", "--port", "--data", "--save-interval", "--durable", "--auto-create",
-                   "--max-counters", "--post-rate", "--trust-proxy", "--keepalive-interval",
-                   "--stall-timeout", "--cors-origin", "--max-listeners", "--no-access-log",
-                   "--max-listeners-per-ip"):
-        assert option in text
-        assert "LIVECOUNTER_" + option[2:].replace("-", "_").upper() in text
+    # Every Settings field but the admin token is an option, and every option has its variable.
+    assert {field.name for field in livecounter.OPTIONS} >= {
+        field.name for field in dataclasses.fields(livecounter.Settings)} - {"admin_token"}
+    for option in livecounter.OPTIONS:
+        flag = livecounter.flag_of(option)
+        assert f"{flag} " in text
+        assert "LIVECOUNTER_" + flag[2:].replace("-", "_").upper() in text
+    assert "--grip-url GRIP_URL" in text and "--data DATA" in text
+
+
+async def test_version_is_shown():
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, str(HERE / "livecounter.py"), "--version", stdout=asyncio.subprocess.PIPE)
+    stdout, _ = await process.communicate()
+    assert stdout.decode() == f"livecounter {livecounter.__version__}\n"
+    assert re.fullmatch(r"\d+\.\d+\.\d+", livecounter.__version__)
 
 
 async def test_a_taken_port_is_one_clear_line(data_file):
