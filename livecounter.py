@@ -12,6 +12,7 @@ Run it::
 
     pip install -r requirements.txt && python livecounter.py        # open http://127.0.0.1:8080/
     python livecounter.py --help                                     # every option (also LIVECOUNTER_* variables)
+    pip install . && livecounter --data /var/lib/livecounter/counters.json   # installed as a command
 
 Embed it::
 
@@ -46,8 +47,8 @@ import stat
 import sys
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
 from pathlib import Path
+from typing import Any, NoReturn
 
 import aiohttp
 import jwt
@@ -60,6 +61,7 @@ except ImportError:  # optional: asyncio's own loop serves too, a little slower
     uvloop = None
 
 __version__ = "1.1.0"
+__all__ = ["create_app", "Settings", "DataFileError", "main", "__version__"]
 
 log = logging.getLogger("livecounter")
 
@@ -453,7 +455,7 @@ class CounterStore:
 # out, and a handler that finds its transport aborted returns without writing more.
 #
 # A change is encoded once and written straight to every listener's socket: the kernel's send is the
-# floor (see the notes on measured costs), so the loop stays as thin as possible.
+# floor, so the loop around it stays as thin as possible.
 
 LISTENER_SNDBUF = 16 * 1024  # kernel send buffer per listener: a frozen client pins this, not ~2 MB
 LAST_CHUNK = b"0\r\n\r\n"  # ends a chunked response
@@ -903,22 +905,8 @@ def grip_sig_valid(signature: str, key: str | None) -> bool:
 
 
 # --------------------------------------------------------------------------------------------------
-# HTTP handlers
+# Requests and answers
 # --------------------------------------------------------------------------------------------------
-
-SETTINGS = web.AppKey("settings", Settings)
-STORE = web.AppKey("store", CounterStore)
-HUB = web.AppKey("hub", ListenerHub)
-GRIP = web.AppKey("grip", GripPublisher | None)  # None without --grip-url
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-MAX_BODY_BYTES = 1024  # an increment needs no body; this admits the small forms some clients send
-BODY_TIMEOUT = 10  # seconds for a body of at most MAX_BODY_BYTES to arrive
-PLAIN_TEXT = "text/plain"
-ALLOWED_METHODS = "GET, HEAD, POST, PUT, DELETE, OPTIONS"
-ALLOW_ORIGIN = "Access-Control-Allow-Origin"  # on every answer (CORS): see allowing_origin
-
 
 class RateLimiter:
     """A token bucket per client address: `rate` requests a second, in bursts of up to `burst`."""
@@ -953,7 +941,19 @@ class RateLimiter:
         return 0.0
 
 
+SETTINGS = web.AppKey("settings", Settings)
+STORE = web.AppKey("store", CounterStore)
+HUB = web.AppKey("hub", ListenerHub)
+GRIP = web.AppKey("grip", GripPublisher | None)  # None without --grip-url
 POST_RATE = web.AppKey("post_rate", RateLimiter | None)  # None without --post-rate
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+MAX_BODY_BYTES = 1024  # an increment needs no body; this admits the small forms some clients send
+BODY_TIMEOUT = 10  # seconds for a body of at most MAX_BODY_BYTES to arrive
+PLAIN_TEXT = "text/plain"
+ALLOWED_METHODS = "GET, HEAD, POST, PUT, DELETE, OPTIONS"
+ALLOW_ORIGIN = "Access-Control-Allow-Origin"  # on every answer (CORS): see allowing_origin
 
 
 def client_address(request: web.Request) -> str:
@@ -1005,7 +1005,7 @@ def readable_counter_id(request: web.Request) -> str:
     """The counter id in the path (valid: its route admits no other), if the counter is readable."""
     counter_id = request.match_info["counter_id"]
     if not request.app[STORE].readable(counter_id):
-        raise web.HTTPNotFound(text=f"unknown counter {counter_id!r}\n")
+        unknown_counter(counter_id)
     return counter_id
 
 
@@ -1018,7 +1018,7 @@ def preferred_format(request: web.Request) -> str:
     return PLAIN_TEXT
 
 
-# Nothing caches the answer to a POST or PUT, so it has no Cache-Control: 2% fewer instructions a POST
+# Nothing caches the answer to a POST or PUT, so it has no Cache-Control: a header less on the hot path
 # (the instructions row of bench/run.py). A read must not be cached.
 CHANGED_VALUE_HEADERS = {"Content-Type": "text/plain; charset=utf-8"}
 VALUE_HEADERS = {**CHANGED_VALUE_HEADERS, "Cache-Control": "no-cache"}
@@ -1035,10 +1035,19 @@ def changed_value_response(value: int) -> web.Response:
     return web.Response(body=b"%d\n" % value, headers=CHANGED_VALUE_HEADERS)
 
 
-def retry_later(status: type[web.HTTPException], reason: str, seconds: float) -> web.HTTPException:
-    # Exposed: without it, a page on another origin can't read when to try again.
-    return status(text=reason + "\n", headers={"Retry-After": str(max(1, math.ceil(seconds))),
-                                               "Access-Control-Expose-Headers": "Retry-After"})
+def abort(status: type[web.HTTPException], reason: str, **arguments: Any) -> NoReturn:
+    """Refuse the request: status, and the reason as one line of plain text (arguments: the status's own)."""
+    raise status(text=reason + "\n", **arguments)
+
+
+def retry_later(status: type[web.HTTPException], reason: str, seconds: float) -> NoReturn:
+    """Refuse the request for now: Retry-After says when to try again, also to pages of other origins."""
+    abort(status, reason, headers={"Retry-After": str(max(1, math.ceil(seconds))),
+                                   "Access-Control-Expose-Headers": "Retry-After"})
+
+
+def unknown_counter(counter_id: str) -> NoReturn:
+    abort(web.HTTPNotFound, f"unknown counter {counter_id!r}")
 
 
 async def read_body(request: web.Request) -> bytes:
@@ -1067,6 +1076,35 @@ def body_too_large() -> web.HTTPException:
         text=f"request body too large: at most {MAX_BODY_BYTES} bytes (an increment needs none)\n")
 
 
+# Every answer carries the allowed origin (CORS); paths and methods the API doesn't have get theirs.
+
+def allowing_origin(origin: str, handler: Handler) -> Handler:
+    """The handler, with the allowed origin on its every answer, errors included (a stream sends it
+    itself). Not an on_response_prepare signal, aiohttp's usual place for it: that is a dispatch on
+    every POST (python bench/profile_post.py)."""
+    async def answer(request: web.Request) -> web.StreamResponse:
+        try:
+            response = await handler(request)
+        except web.HTTPException as refusal:
+            refusal.headers[ALLOW_ORIGIN] = origin
+            raise
+        response.headers[ALLOW_ORIGIN] = origin
+        return response
+    return answer
+
+
+def refusing_other_methods(allowed: list[str]) -> Handler:
+    """The answer on a path to any method but `allowed`: 405, with Allow and a one-line reason."""
+    async def wrong_method(request: web.Request) -> web.StreamResponse:
+        abort(web.HTTPMethodNotAllowed, f"{request.method} is not allowed here: {', '.join(allowed)}",
+              method=request.method, allowed_methods=allowed)
+    return wrong_method
+
+
+# --------------------------------------------------------------------------------------------------
+# Handlers
+# --------------------------------------------------------------------------------------------------
+
 async def get_counter(request: web.Request) -> web.StreamResponse:
     counter_id = readable_counter_id(request)
     media_type = preferred_format(request)
@@ -1087,17 +1125,17 @@ async def stream(request: web.Request, counter_ids: list[str], *, multi: bool) -
         return held_by_pushpin(request, counter_ids, multi)
     transport = request.transport  # aiohttp forgets it when the client leaves: held for take_over
     if transport is None:
-        raise web.HTTPBadRequest(text="the client left\n")  # not even this answer will arrive
+        abort(web.HTTPBadRequest, "the client left")  # not even this answer will arrive
     if transport.get_extra_info("sslcontext") is not None:
         # The hub writes to the socket itself (see take_over), which TLS can't allow.
-        raise retry_later(web.HTTPServiceUnavailable, "event streams need plain HTTP here: "
+        retry_later(web.HTTPServiceUnavailable, "event streams need plain HTTP here: "
                           "terminate TLS in a proxy in front of livecounter", 3600)
     hub = request.app[HUB]
     client = client_address(request)
     if reason := hub.refusal():
-        raise retry_later(web.HTTPServiceUnavailable, reason, 10)
+        retry_later(web.HTTPServiceUnavailable, reason, 10)
     if reason := hub.client_refusal(client):
-        raise retry_later(web.HTTPTooManyRequests, reason, 10)
+        retry_later(web.HTTPTooManyRequests, reason, 10)
     listener = hub.reserve(client, multi=multi, chunked=request.version >= HttpVersion11)
     # The origin now: allowing_origin adds it after the handler, and these headers go out first.
     response = web.StreamResponse(headers={**SSE_HEADERS, ALLOW_ORIGIN: request.app[SETTINGS].cors_origin})
@@ -1132,7 +1170,7 @@ def held_by_pushpin(request: web.Request, counter_ids: list[str], multi: bool) -
 
 def increment_handler(app: web.Application) -> Handler:
     """POST, the hot path. What it needs from the app is looked up once, here: an app[KEY] lookup is a
-    call in Python, and the four a POST made were ~2% of its instructions (bench/run.py)."""
+    call in Python, and a POST needs four (the instructions row of bench/run.py)."""
     store, hub, grip, post_rate = app[STORE], app[HUB], app[GRIP], app[POST_RATE]
 
     async def increment_counter(request: web.Request) -> web.Response:
@@ -1141,17 +1179,16 @@ def increment_handler(app: web.Application) -> Handler:
         if request.body_exists:
             await read_body(request)
         if post_rate is not None and (wait := post_rate.retry_after(client_address(request))):
-            raise retry_later(web.HTTPTooManyRequests, "too many increments from this address", wait)
+            retry_later(web.HTTPTooManyRequests, "too many increments from this address", wait)
         refuse_while_saves_fail(store)
         try:
             value = store.increment(counter_id)
         except KeyError:
-            raise web.HTTPNotFound(text=f"unknown counter {counter_id!r}\n") from None
+            unknown_counter(counter_id)
         except CounterLimitReached as limit:
-            raise web.HTTPForbidden(text=f"counter {counter_id!r} not created: the limit of {limit} "
-                                         f"counters is reached\n") from None
+            abort(web.HTTPForbidden, f"counter {counter_id!r} not created: the limit of {limit} counters is reached")
         except OverflowError:
-            raise web.HTTPConflict(text=f"counter {counter_id!r} is at its maximum, {MAX_VALUE}\n") from None
+            abort(web.HTTPConflict, f"counter {counter_id!r} is at its maximum, {MAX_VALUE}")
         if store.durable:
             await made_durable(store, counter_id)  # the save announces it
         else:
@@ -1163,7 +1200,7 @@ def increment_handler(app: web.Application) -> Handler:
 def refuse_while_saves_fail(store: CounterStore) -> None:
     """Durable mode takes no change it can't write: while saves fail, 503 instead of a lost ack."""
     if store.durable and store.save_error is not None:
-        raise retry_later(web.HTTPServiceUnavailable, store.save_error, LAST_RETRY_DELAY)
+        retry_later(web.HTTPServiceUnavailable, store.save_error, LAST_RETRY_DELAY)
 
 
 async def made_durable(store: CounterStore, counter_id: str) -> None:
@@ -1171,7 +1208,7 @@ async def made_durable(store: CounterStore, counter_id: str) -> None:
     try:
         await store.persisted(counter_id)
     except SaveFailed as failure:
-        raise retry_later(web.HTTPServiceUnavailable, str(failure), LAST_RETRY_DELAY) from None
+        retry_later(web.HTTPServiceUnavailable, str(failure), LAST_RETRY_DELAY)
 
 
 def announce(hub: ListenerHub, grip: GripPublisher | None, counter_id: str, value: int | None) -> None:
@@ -1188,11 +1225,11 @@ def require_admin(request: web.Request) -> None:
     """PUT and DELETE need Authorization: Bearer <the admin token>; with no token set, nobody may."""
     token = request.app[SETTINGS].admin_token
     if not token:
-        raise web.HTTPForbidden(text="admin writes are off: set LIVECOUNTER_ADMIN_TOKEN to allow them\n")
+        abort(web.HTTPForbidden, "admin writes are off: set LIVECOUNTER_ADMIN_TOKEN to allow them")
     scheme, _, given = request.headers.get("Authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not hmac.compare_digest(raw_bytes(given.strip()), raw_bytes(token)):
-        raise web.HTTPUnauthorized(text="a valid Authorization: Bearer token is needed\n",
-                                   headers={"WWW-Authenticate": 'Bearer realm="livecounter"'})
+        abort(web.HTTPUnauthorized, "a valid Authorization: Bearer token is needed",
+              headers={"WWW-Authenticate": 'Bearer realm="livecounter"'})
 
 
 async def set_counter(request: web.Request) -> web.Response:
@@ -1203,9 +1240,9 @@ async def set_counter(request: web.Request) -> web.Response:
     try:
         value = json.loads(body)["value"]
     except (ValueError, TypeError, KeyError):
-        raise web.HTTPBadRequest(text='the body must be JSON like {"value": 27}\n') from None
+        abort(web.HTTPBadRequest, 'the body must be JSON like {"value": 27}')
     if type(value) is not int or abs(value) > MAX_VALUE:
-        raise web.HTTPBadRequest(text=f"value must be an integer within ±{MAX_VALUE}\n")
+        abort(web.HTTPBadRequest, f"value must be an integer within ±{MAX_VALUE}")
     store = request.app[STORE]
     refuse_while_saves_fail(store)
     store.set(counter_id, value)
@@ -1225,7 +1262,7 @@ async def delete_counter(request: web.Request) -> web.Response:
     try:
         store.delete(counter_id)
     except KeyError:
-        raise web.HTTPNotFound(text=f"unknown counter {counter_id!r}\n") from None
+        unknown_counter(counter_id)
     if store.durable:
         await made_durable(store, counter_id)  # the save announces it
     else:
@@ -1242,15 +1279,15 @@ async def list_counters(request: web.Request) -> web.StreamResponse:
         return web.json_response(request.app[STORE].snapshot(), headers={"Cache-Control": "no-cache"})
     counter_ids = list(dict.fromkeys(request.query.get("ids", "").split(",")))  # once each, in order
     if counter_ids == [""]:
-        raise web.HTTPBadRequest(text="name the counters to stream: ?ids=1,2,3\n")
+        abort(web.HTTPBadRequest, "name the counters to stream: ?ids=1,2,3")
     if len(counter_ids) > MAX_STREAM_IDS:
-        raise web.HTTPBadRequest(text=f"too many ids: one stream takes at most {MAX_STREAM_IDS}\n")
+        abort(web.HTTPBadRequest, f"too many ids: one stream takes at most {MAX_STREAM_IDS}")
     store = request.app[STORE]
     for counter_id in counter_ids:
         if not COUNTER_ID.fullmatch(counter_id):
-            raise web.HTTPBadRequest(text=f"invalid counter id {counter_id!r}: {ID_RULE}\n")
+            abort(web.HTTPBadRequest, f"invalid counter id {counter_id!r}: {ID_RULE}")
         if not store.readable(counter_id):
-            raise web.HTTPNotFound(text=f"unknown counter {counter_id!r}\n")
+            unknown_counter(counter_id)
     return await stream(request, counter_ids, multi=True)
 
 
@@ -1300,41 +1337,103 @@ async def preflight(request: web.Request) -> web.Response:
     return web.Response(status=204, headers=headers)
 
 
-# --- Every answer: the allowed origin (CORS), and paths and methods the API doesn't have ----------
-
-def allowing_origin(origin: str, handler: Handler) -> Handler:
-    """The handler, with the allowed origin on its every answer, errors included (a stream sends it
-    itself). Not an on_response_prepare signal, aiohttp's usual place for it: the signal took 3-4%
-    of the server's CPU per POST, this wrapper ~1% (python bench/profile_post.py)."""
-    async def answer(request: web.Request) -> web.StreamResponse:
-        try:
-            response = await handler(request)
-        except web.HTTPException as refusal:
-            refusal.headers[ALLOW_ORIGIN] = origin
-            raise
-        response.headers[ALLOW_ORIGIN] = origin
-        return response
-    return answer
-
-
-def refusing_other_methods(allowed: list[str]) -> Handler:
-    """The answer on a path to any method but `allowed`: 405, with Allow and a one-line reason."""
-    async def wrong_method(request: web.Request) -> web.StreamResponse:
-        raise web.HTTPMethodNotAllowed(request.method, allowed,
-                                       text=f"{request.method} is not allowed here: {', '.join(allowed)}\n")
-    return wrong_method
-
-
 async def invalid_counter_id(request: web.Request) -> web.StreamResponse:
     """Any request to a counter path whose id the counter routes refused."""
-    raise web.HTTPBadRequest(text=f"invalid counter id: {ID_RULE}\n")
+    abort(web.HTTPBadRequest, f"invalid counter id: {ID_RULE}")
 
 
 async def no_such_path(request: web.Request) -> web.StreamResponse:
-    raise web.HTTPNotFound(text="no such path: the counters are at counters/\n")
+    abort(web.HTTPNotFound, "no such path: the counters are at counters/")
 
 
-# --- Pages: the demo page and the embeddable script ------------------------------------------------
+async def home(request: web.Request) -> web.Response:
+    """The demo page for browsers; a pointer to the API for everyone else."""
+    if "text/html" in request.headers.get("Accept", ""):
+        return web.Response(text=DEMO_PAGE, content_type="text/html", headers={"Cache-Control": "no-cache"})
+    return web.Response(text="livecounter: the counters are at counters/ (GET, POST, or GET with "
+                             "Accept: text/event-stream to watch)\n")
+
+
+async def embed_script(request: web.Request) -> web.Response:
+    return web.Response(text=EMBED_SCRIPT, content_type="text/javascript",
+                        headers={"Cache-Control": "public, max-age=3600"})
+
+
+# --------------------------------------------------------------------------------------------------
+# The application
+# --------------------------------------------------------------------------------------------------
+
+def create_app(data_path: str | os.PathLike[str] = Settings.data_path, **options: object) -> web.Application:
+    """The livecounter application, standalone or as a sub-app; options are Settings' fields.
+
+    Raises DataFileError if the data file can't be used.
+    """
+    settings = Settings(data_path=Path(data_path), **options)  # type: ignore[arg-type]
+    app = web.Application()
+    app[SETTINGS] = settings
+    app[HUB] = hub = ListenerHub(
+        keepalive_interval=settings.keepalive_interval, stall_timeout=settings.stall_timeout,
+        max_listeners=settings.max_listeners or default_max_listeners(),
+        max_listeners_per_ip=settings.max_listeners_per_ip)
+    app[GRIP] = grip = GripPublisher(settings.grip_urls) if settings.grip_urls else None
+    app[STORE] = CounterStore(
+        settings.data_path, load_counters(settings.data_path), save_interval=settings.save_interval,
+        durable=settings.durable, auto_create=settings.auto_create, max_counters=settings.max_counters,
+        announce_durable=lambda counter_id, value: announce(hub, grip, counter_id, value))
+    app[POST_RATE] = (RateLimiter(settings.post_rate, burst=max(1.0, 2 * settings.post_rate))
+                      if settings.post_rate else None)
+    # The route's pattern is the id rule: aiohttp's own match checks it, no check of ours runs per POST.
+    counter_path = f"/counters/{{counter_id:{ID_PATTERN}}}"
+    routes: list[tuple[tuple[str, ...], dict[str, Handler]]] = [
+        ((counter_path + "/", counter_path),
+         {"GET": get_counter, "HEAD": get_counter, "POST": increment_handler(app), "PUT": set_counter,
+          "DELETE": delete_counter, "OPTIONS": preflight}),
+        # Only ids the counter routes refused get here: 400 whatever the method (a preflight still passes).
+        (("/counters/{counter_id}/", "/counters/{counter_id}"), {"OPTIONS": preflight, "*": invalid_counter_id}),
+        (("/counters/", "/counters"), {"GET": list_counters, "HEAD": list_counters, "OPTIONS": preflight}),
+        (("/healthz", "/healthz/"), {"GET": health, "HEAD": health, "OPTIONS": preflight}),
+        (("/metrics", "/metrics/"), {"GET": metrics, "HEAD": metrics, "OPTIONS": preflight}),
+        (("/",), {"GET": home, "HEAD": home, "OPTIONS": preflight}),
+        (("/embed.js", "/embed.js/"), {"GET": embed_script, "HEAD": embed_script, "OPTIONS": preflight}),
+    ]
+    for paths, handlers in routes:
+        methods = [method for method in handlers if method != "*"]
+        # Any other method: the table's "*", else a 405 from here, with the origin like every answer.
+        answers = {method: handlers[method] for method in methods} | {
+            "*": handlers.get("*") or refusing_other_methods(methods)}  # "*" last, as aiohttp wants
+        for path in paths:
+            resource = app.router.add_resource(path)
+            for method, handler in answers.items():
+                resource.add_route(method, allowing_origin(settings.cors_origin, handler))
+    # Any other path, whatever the method: 404 (a preflight too: nothing there would take the request).
+    app.router.add_route("*", "/{path:.*}", allowing_origin(settings.cors_origin, no_such_path))
+    app.cleanup_ctx.append(run_background_work)
+    app.on_shutdown.append(end_streams)
+    return app
+
+
+async def run_background_work(app: web.Application):
+    """Saves and sweeps while the app runs; the final save after every stream and request has ended."""
+    tasks = [asyncio.create_task(app[STORE].run_saves()), asyncio.create_task(app[HUB].run_sweeps())]
+    if app[GRIP] is not None:
+        tasks.append(asyncio.create_task(app[GRIP].run()))
+    yield
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    await app[STORE].close()
+
+
+async def end_streams(app: web.Application) -> None:
+    # Streams are the hub's connections, not aiohttp's: they end (last chunk, close) as soon as
+    # shutdown begins, and no stream is taken after that, whatever aiohttp still waits for.
+    app[HUB].close()
+
+
+# --------------------------------------------------------------------------------------------------
+# Pages: the demo page and the embeddable script
+# --------------------------------------------------------------------------------------------------
+#
 # Inline, with no build step, CDN or external script, so they work offline and from a sub-app's
 # prefix (every URL in them is relative to where they are served).
 
@@ -1476,90 +1575,6 @@ EMBED_SCRIPT = """/* livecounter embed: <span data-livecounter="2"></span> becom
   else start();
 })();
 """
-
-
-async def home(request: web.Request) -> web.Response:
-    """The demo page for browsers; a pointer to the API for everyone else."""
-    if "text/html" in request.headers.get("Accept", ""):
-        return web.Response(text=DEMO_PAGE, content_type="text/html", headers={"Cache-Control": "no-cache"})
-    return web.Response(text="livecounter: the counters are at counters/ (GET, POST, or GET with "
-                             "Accept: text/event-stream to watch)\n")
-
-
-async def embed_script(request: web.Request) -> web.Response:
-    return web.Response(text=EMBED_SCRIPT, content_type="text/javascript",
-                        headers={"Cache-Control": "public, max-age=3600"})
-
-
-# --------------------------------------------------------------------------------------------------
-# The application
-# --------------------------------------------------------------------------------------------------
-
-def create_app(data_path: str | os.PathLike[str] = Settings.data_path, **options: object) -> web.Application:
-    """The livecounter application, standalone or as a sub-app; options are Settings' fields.
-
-    Raises DataFileError if the data file can't be used.
-    """
-    settings = Settings(data_path=Path(data_path), **options)  # type: ignore[arg-type]
-    app = web.Application()
-    app[SETTINGS] = settings
-    app[HUB] = hub = ListenerHub(
-        keepalive_interval=settings.keepalive_interval, stall_timeout=settings.stall_timeout,
-        max_listeners=settings.max_listeners or default_max_listeners(),
-        max_listeners_per_ip=settings.max_listeners_per_ip)
-    app[GRIP] = grip = GripPublisher(settings.grip_urls) if settings.grip_urls else None
-    app[STORE] = CounterStore(
-        settings.data_path, load_counters(settings.data_path), save_interval=settings.save_interval,
-        durable=settings.durable, auto_create=settings.auto_create, max_counters=settings.max_counters,
-        announce_durable=lambda counter_id, value: announce(hub, grip, counter_id, value))
-    app[POST_RATE] = (RateLimiter(settings.post_rate, burst=max(1.0, 2 * settings.post_rate))
-                      if settings.post_rate else None)
-    # The route's pattern is the id rule: aiohttp's own match checks it (a check of ours cost 1.4% of a POST).
-    counter_path = f"/counters/{{counter_id:{ID_PATTERN}}}"
-    routes: list[tuple[tuple[str, ...], dict[str, Handler]]] = [
-        ((counter_path + "/", counter_path),
-         {"GET": get_counter, "HEAD": get_counter, "POST": increment_handler(app), "PUT": set_counter,
-          "DELETE": delete_counter, "OPTIONS": preflight}),
-        # Only ids the counter routes refused get here: 400 whatever the method (a preflight still passes).
-        (("/counters/{counter_id}/", "/counters/{counter_id}"), {"OPTIONS": preflight, "*": invalid_counter_id}),
-        (("/counters/", "/counters"), {"GET": list_counters, "HEAD": list_counters, "OPTIONS": preflight}),
-        (("/healthz", "/healthz/"), {"GET": health, "HEAD": health, "OPTIONS": preflight}),
-        (("/metrics", "/metrics/"), {"GET": metrics, "HEAD": metrics, "OPTIONS": preflight}),
-        (("/",), {"GET": home, "HEAD": home, "OPTIONS": preflight}),
-        (("/embed.js", "/embed.js/"), {"GET": embed_script, "HEAD": embed_script, "OPTIONS": preflight}),
-    ]
-    for paths, handlers in routes:
-        methods = [method for method in handlers if method != "*"]
-        # Any other method: the table's "*", else a 405 from here, with the origin like every answer.
-        answers = {method: handlers[method] for method in methods} | {
-            "*": handlers.get("*") or refusing_other_methods(methods)}  # "*" last, as aiohttp wants
-        for path in paths:
-            resource = app.router.add_resource(path)
-            for method, handler in answers.items():
-                resource.add_route(method, allowing_origin(settings.cors_origin, handler))
-    # Any other path, whatever the method: 404 (a preflight too: nothing there would take the request).
-    app.router.add_route("*", "/{path:.*}", allowing_origin(settings.cors_origin, no_such_path))
-    app.cleanup_ctx.append(run_background_work)
-    app.on_shutdown.append(end_streams)
-    return app
-
-
-async def run_background_work(app: web.Application):
-    """Saves and sweeps while the app runs; the final save after every stream and request has ended."""
-    tasks = [asyncio.create_task(app[STORE].run_saves()), asyncio.create_task(app[HUB].run_sweeps())]
-    if app[GRIP] is not None:
-        tasks.append(asyncio.create_task(app[GRIP].run()))
-    yield
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
-    await app[STORE].close()
-
-
-async def end_streams(app: web.Application) -> None:
-    # Streams are the hub's connections, not aiohttp's: they end (last chunk, close) as soon as
-    # shutdown begins, and no stream is taken after that, whatever aiohttp still waits for.
-    app[HUB].close()
 
 
 # --------------------------------------------------------------------------------------------------
