@@ -52,9 +52,10 @@ def small_disk(tmp_path):
 
 
 async def wait_for(condition, timeout=10):
-    async with asyncio.timeout(timeout):
+    async def poll():
         while not await condition():
             await asyncio.sleep(0.05)
+    await asyncio.wait_for(poll(), timeout)  # asyncio.timeout() is Python 3.11+
 
 
 async def test_durable_refuses_increments_while_the_disk_is_full_then_catches_up(aiohttp_client, small_disk):
@@ -107,3 +108,30 @@ async def test_default_mode_keeps_every_increment_through_a_full_disk(aiohttp_cl
     await wait_for(healthy)
     assert json.loads(data_file.read_text())["4"] == 10
     assert not (small_disk.path / "counters.json.tmp").exists()
+
+
+async def test_durable_announces_refused_changes_once_a_save_holds_them(aiohttp_client, small_disk):
+    # A change that got a 503 is in memory and reaches the file with the next save that works: that
+    # save announces it, a PUT's and a DELETE's too, so streams don't stay on the old value.
+    client = await aiohttp_client(create_app(small_disk.path / "counters.json", durable=True, admin_token="s3cret"))
+    admin = {"Authorization": "Bearer s3cret"}
+    sse = {"Accept": "text/event-stream"}
+    incremented, set_, deleted = [await client.get(f"/counters/{i}/", headers=sse) for i in (1, 2, 3)]
+    for stream in (incremented, set_, deleted):
+        assert (await stream.content.readuntil(b"\n\n")).endswith(b"data: 0\n\n")
+
+    small_disk.fill()
+    refused = await asyncio.gather(  # made in memory together, then the save that would hold them fails
+        client.post("/counters/1/"), client.put("/counters/2/", json={"value": 7}, headers=admin),
+        client.delete("/counters/3/", headers=admin))
+    assert [response.status for response in refused] == [503, 503, 503]
+    with pytest.raises(asyncio.TimeoutError):  # not on disk: not announced
+        await asyncio.wait_for(incremented.content.readuntil(b"\n\n"), 0.5)
+    small_disk.free()
+
+    assert await asyncio.wait_for(incremented.content.readuntil(b"\n\n"), 10) == b"event: message\ndata: 1\n\n"
+    assert await asyncio.wait_for(set_.content.readuntil(b"\n\n"), 10) == b"event: message\ndata: 7\n\n"
+    assert await asyncio.wait_for(deleted.content.read(), 10) == b""  # its stream ended
+    expected = {**ZEROS, "1": 1, "2": 7}
+    del expected["3"]
+    assert json.loads((small_disk.path / "counters.json").read_text()) == expected
