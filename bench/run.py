@@ -1,7 +1,7 @@
 """Benchmarks: livecounter side by side with its floor (a bare aiohttp handler) and nginx+nchan.
 
-    python bench/run.py            # the full table: about eleven minutes on 2 cores
-    python bench/run.py --quick    # a short smoke run that proves the harness works
+    python bench/run.py            # the full table, also written into bench/README.md: ~11 minutes on 2 cores
+    python bench/run.py --quick    # a short smoke run that proves the harness works (prints only)
 
 Every server runs in its own process and is driven from others (wrk, bench/listeners.py), all on
 loopback. Each figure is the median of several runs; each ratio is taken pair by pair within one
@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import contextlib
+import datetime
 import json
 import os
 import platform
@@ -513,6 +514,15 @@ def _saves(server: Server) -> int:
 
 
 # --- the table ---------------------------------------------------------------------------------
+#
+# A full run writes its table into bench/README.md, between these two lines (and prints it); a
+# quick run only prints. Each row with a target says whether it is met, judged on the figures as
+# the row shows them (rounded as printed).
+
+README = BENCH / "README.md"
+TABLE_START = "<!-- bench/run.py: table start (a full run rewrites everything up to the end marker) -->"
+TABLE_END = "<!-- bench/run.py: table end -->"
+
 
 def machine() -> str:
     cpu = re.search(r"model name\s*: (.*)", Path("/proc/cpuinfo").read_text())
@@ -521,74 +531,114 @@ def machine() -> str:
             f"Linux {platform.release()}, Python {platform.python_version()}")
 
 
+def software() -> str:
+    """The versions the servers under test ran on (they run on this Python, with these packages)."""
+    import aiohttp
+    import uvloop
+    return f"aiohttp {aiohttp.__version__}, uvloop {uvloop.__version__}"
+
+
 def spread(results: dict, ratio: str) -> str:
     low, high = results[f"spread {ratio}"]
     return f" (pairs: {low:.2f}–{high:.2f})"
 
 
-def report(quick: bool, inc: dict, cost: dict, instructions: dict, durable: dict, broadcasts: dict, hot: dict,
-           scaled: dict, many: dict, sizes: dict) -> str:
-    lines = [f"Machine: {machine()}. {'Quick smoke run: figures are not meaningful.' if quick else ''}",
-             "", "| # | measurement | result | target |", "|---|---|---|---|"]
+def shown(value: float, digits: int) -> float:
+    """value as the table prints it: verdicts judge what the reader sees."""
+    return round(value, digits)
 
-    def row(number: str, what: str, result: str, target: str) -> None:
-        lines.append(f"| {number} | {what} | {result} | {target} |")
+
+def report(quick: bool, inc: dict, cost: dict, instructions: dict, durable: dict, broadcasts: dict, hot: dict,
+           scaled: dict, many: dict, sizes: dict, *, day: str | None = None, where: str | None = None) -> str:
+    """The table in Markdown: a line naming the run and the machine, then one row per figure; a row
+    with a target says "met" or "not met". day and where default to today and this machine."""
+    day = day or datetime.date.today().isoformat()
+    where = where or f"{machine()}, {software()}"
+    heading = (f"A quick smoke run, {day}, on {where}: its figures are not meaningful." if quick
+               else f"The latest full run, {day}, on {where}:")
+    lines = [heading, "", "| # | measurement | result | target | verdict |", "|---|---|---|---|---|"]
+
+    def row(number: str, what: str, result: str, target: str = "", met: bool | None = None) -> None:
+        verdict = "" if met is None else "met" if met else "not met"
+        lines.append(f"| {number} | {what} | {result} | {target} | {verdict} |")
 
     for loop in ("asyncio", "uvloop"):
+        ratio = inc[f'ratio livecounter/floor {loop}']
         row("1", f"POSTs/s, {loop}: livecounter vs bare aiohttp",
             f"{inc[f'livecounter {loop}']:,.0f} vs {inc[f'floor {loop}']:,.0f}: "
-            f"**{inc[f'ratio livecounter/floor {loop}']:.2f}×**{spread(inc, f'ratio livecounter/floor {loop}')}",
-            "≥ 0.9×")
+            f"**{ratio:.2f}×**{spread(inc, f'ratio livecounter/floor {loop}')}",
+            "≥ 0.9×", shown(ratio, 2) >= 0.9)
     for loop in ("asyncio", "uvloop"):
+        ratio = cost[f'ratio {loop}']
         row("1", f"server CPU per POST, {loop}, both loaded at once: floor vs livecounter",
             f"{cost[f'floor {loop}']:.0f} µs vs {cost[f'livecounter {loop}']:.0f} µs: "
-            f"**{cost[f'ratio {loop}']:.2f}×**{spread(cost, f'ratio {loop}')}", "≥ 0.9×")
+            f"**{ratio:.2f}×**{spread(cost, f'ratio {loop}')}", "≥ 0.9×", shown(ratio, 2) >= 0.9)
     row("1", "instructions per POST in user space (callgrind, uvloop, one connection): floor vs livecounter",
         f"{instructions['floor']:,.0f} vs {instructions['livecounter']:,.0f}: **{instructions['ratio']:.2f}×**",
-        "≥ 0.9×")
+        "≥ 0.9×", shown(instructions["ratio"], 2) >= 0.9)
     for loop in ("asyncio", "uvloop"):
+        ratio = inc[f'ratio durable/default {loop}']
         row("2", f"POSTs/s, {loop}: `--durable` vs default",
             f"{inc[f'livecounter {loop} --durable']:,.0f} vs {inc[f'livecounter {loop}']:,.0f}: "
-            f"**{inc[f'ratio durable/default {loop}']:.2f}×**{spread(inc, f'ratio durable/default {loop}')}",
-            "≥ 0.5×")
+            f"**{ratio:.2f}×**{spread(inc, f'ratio durable/default {loop}')}", "≥ 0.5×", shown(ratio, 2) >= 0.5)
     row("2", "`--durable` vs default by wrk connections (uvloop): ratio, POSTs per save, save cycle",
         "; ".join(f"{connections}: **{durable[f'ratio {connections}']:.2f}×**, "
                   f"{durable[f'posts per save {connections}']:.0f}, {durable[f'save cycle ms {connections}']:.1f} ms"
                   for connections in DURABLE_CONNECTIONS)
         + f"; a save alone {durable['save alone ms']:.2f} ms", "(why 2 is where it is)")
-    row("1", "publishes/s, nginx+nchan (for scale)", f"{inc['nginx+nchan publish']:,.0f}", "")
+    row("1", "publishes/s, nginx+nchan (for scale)", f"{inc['nginx+nchan publish']:,.0f}")
     nchan_results = {count: result["nginx+nchan"] for count, result in broadcasts.items()}
     for count, result in broadcasts.items():
         for name in ("livecounter uvloop", "livecounter asyncio", "nginx+nchan"):
             ratio = result[name]["cpu_ms"] / nchan_results[count]["cpu_ms"]
+            target = "livecounter" in name
             row("3", f"one increment to {count:,} listeners, {name}: server CPU, time to the last",
                 f"{result[name]['cpu_ms']:.0f} ms CPU (**{ratio:.2f}×** nchan), {result[name]['delivery_ms']:.0f} ms",
-                "CPU ≤ 1.2× nchan" if "livecounter" in name else "")
+                "CPU ≤ 1.2× nchan" if target else "", shown(ratio, 2) <= 1.2 if target else None)
     for count, result in broadcasts.items():
         for name in ("livecounter uvloop", "livecounter asyncio", "floor uvloop", "nginx+nchan"):
             what = "the least an aiohttp stream costs" if "floor" in name else name
-            row("4", f"RSS per idle listener ({count:,}), {what}", f"{result[name]['kib_per_listener']:.1f} KiB",
-                "≤ 8 KB" if "livecounter" in name else "")
+            kib = result[name]["kib_per_listener"]
+            target = "livecounter" in name
+            row("4", f"RSS per idle listener ({count:,}), {what}", f"{kib:.1f} KiB",
+                "≤ 8 KB" if target else "", 1024 * shown(kib, 1) <= 8000 if target else None)
     for name, result in hot.items():
+        target = "livecounter" in name
         extra = f"; every listener on the final value at most {result['final_after_ms']:.0f} ms after a burst" \
             if "final_after_ms" in result else ""
         row("5", f"hot counter, {sizes['hot']:,} listeners, {name}: POSTs/s to their counter vs to an unwatched one",
             f"{result['with_listeners']:,.0f} vs {result['alone']:,.0f}: **{result['ratio']:.2f}×**"
             f"{spread(result, 'ratio')}{extra}",
-            "≥ 0.7×, final value ≤ 1 s" if "livecounter" in name else "")
+            "≥ 0.7×, final value ≤ 1 s" if target else "",
+            shown(result["ratio"], 2) >= 0.7 and shown(result["final_after_ms"], 0) <= 1000 if target else None)
     row("6", f"{sizes['scale']:,} listeners, {sizes['scale_seconds']:.0f} s of max POSTs (uvloop)",
-        f"{scaled['rate']:,.0f} POSTs/s, {scaled['errors']} errors, RSS {scaled['rss_mib_start']:.0f} → "
-        f"{scaled['rss_mib_end']:.0f} MiB after warm-up ({100 * scaled['rss_growth']:+.1f}%)",
-        "no errors, RSS flat")
+        f"{scaled['rate']:,.0f} POSTs/s, {scaled['errors']} errors, "
+        f"RSS {scaled['rss_mib_start']:.0f} → {scaled['rss_mib_end']:.0f} MiB after warm-up "
+        f"({100 * scaled['rss_growth']:+.1f}%)",
+        "no errors, RSS flat (grows ≤ 5%)", scaled["errors"] == 0 and shown(100 * scaled["rss_growth"], 1) <= 5)
     row("7", f"{sizes['counters']:,} counters: start-up; longest loop stall while saving",
         f"start {many['start_s']:.2f} s; {many['saves']} saves of {many['save_ms']:.0f} ms each, "
-        f"longest stall {many['max_stall_ms']:.0f} ms", "start < 1 s, stall ≤ 100 ms")
+        f"longest stall {many['max_stall_ms']:.0f} ms", "start < 1 s, stall ≤ 100 ms",
+        shown(many["start_s"], 2) < 1 and shown(many["max_stall_ms"], 0) <= 100)
     return "\n".join(lines)
+
+
+def write_table(table: str, readme: Path) -> None:
+    """Put table between the markers of readme (bench/README.md), replacing what was there; nothing
+    else in the file changes. ValueError if the markers are missing or out of order."""
+    text = readme.read_text(encoding="utf-8")
+    start = text.find(TABLE_START)
+    end = text.find(TABLE_END, start + len(TABLE_START)) if start >= 0 else -1
+    if start < 0 or end < 0:
+        raise ValueError(f"{readme} lacks the lines {TABLE_START!r} and {TABLE_END!r} (in that order)")
+    before, after = text[:start + len(TABLE_START)], text[end:]
+    readme.write_text(f"{before}\n{table}\n{after}", encoding="utf-8")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="a short smoke run: small sizes, one round")
+    parser.add_argument("--quick", action="store_true",
+                        help="a short smoke run: small sizes, one round; prints the table, writes nothing")
     args = parser.parse_args()
     if missing := missing_tools():
         print("bench/run.py needs, and does not install:\n  " + "\n  ".join(missing), file=sys.stderr)
@@ -620,8 +670,18 @@ def main() -> int:
         hot = phase("hot counter", lambda: hot_counter(workdir, sizes["hot"], burst + 1, rounds))
         scaled = phase("scale", lambda: scale(workdir, sizes["scale"], sizes["scale_seconds"]))
         many = phase("many counters", lambda: many_counters(workdir, sizes["counters"], 3 if quick else 10))
-    print(report(quick, inc, cost, instructions, durable, broadcasts, hot, scaled, many, sizes))
+    table = report(quick, inc, cost, instructions, durable, broadcasts, hot, scaled, many, sizes)
+    print(table)  # first: whatever happens to the file, the figures are on the screen
     print("\n(" + "; ".join(phases) + ")", file=sys.stderr)
+    if quick:
+        print(f"(a quick run: {README.relative_to(ROOT)} is left as it was)", file=sys.stderr)
+        return 0
+    try:
+        write_table(table, README)
+    except (OSError, ValueError) as error:
+        print(f"bench/run.py: the table was not written: {error}", file=sys.stderr)
+        return 1
+    print(f"(the table is in {README.relative_to(ROOT)})", file=sys.stderr)
     return 0
 
 
