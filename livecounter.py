@@ -1437,6 +1437,30 @@ async def end_streams(app: web.Application) -> None:
 # Inline, with no build step, CDN or external script, so they work offline and from a sub-app's
 # prefix (every URL in them is relative to where they are served).
 
+# The one reconnection both pages share (inlined into each). An EventSource retries by itself only
+# after a network error or the end of a stream; any answer but 200 (a proxy's 502 while livecounter
+# restarts, a 503) closes it for good. Then this opens a new one, after 1 s doubling to 30 s, each
+# wait ±25% so that the pages one restart cut off don't all come back in the same second.
+LIVE_SOURCE = """/* An EventSource on url that is reopened whenever it closes for good. listen(source) adds the
+   handlers to each one; state(name, seconds) hears "live", "reconnecting" (the browser retries)
+   and "offline" (closed for good: a new one in `seconds`). */
+function liveSource(url, listen, state) {
+  var delay = 1;
+  (function open() {
+    var source = new EventSource(url);
+    listen(source);
+    source.onopen = function () { delay = 1; state("live"); };
+    source.onerror = function () {
+      if (source.readyState !== EventSource.CLOSED) { state("reconnecting"); return; }
+      var wait = delay * (0.75 + Math.random() / 2);
+      delay = Math.min(2 * delay, 30);
+      state("offline", Math.round(wait));
+      setTimeout(open, wait * 1000);
+    };
+  })();
+}
+"""
+
 DEMO_PAGE = """<!doctype html>
 <html lang="en">
 <head>
@@ -1455,6 +1479,7 @@ DEMO_PAGE = """<!doctype html>
   .status { display: inline-block; margin-left: 8px; padding: 1px 8px; border-radius: 999px;
             font-size: 13px; background: var(--line); color: var(--muted); vertical-align: middle; }
   .status.live { background: #dcfae6; color: #067647; }
+  .status.offline { background: #fee4e2; color: #b42318; }
   #counters { display: grid; grid-template-columns: repeat(auto-fill, minmax(170px, 1fr)); gap: 16px; }
   .counter { background: #fff; border: 1px solid var(--line); border-radius: 12px; padding: 16px;
              display: flex; flex-direction: column; gap: 6px; transition: background-color 0.6s; }
@@ -1480,6 +1505,7 @@ DEMO_PAGE = """<!doctype html>
 </main>
 <script>
 "use strict";
+""" + LIVE_SOURCE + """
 const grid = document.getElementById("counters");
 const status = document.getElementById("status");
 const cards = new Map();
@@ -1523,16 +1549,19 @@ fetch("counters/", {headers: {Accept: "application/json"}})
       return;
     }
     ids.forEach((id) => card(id, counters[id]));
-    const source = new EventSource("counters/?ids=" + ids.map(encodeURIComponent).join(","));
-    source.onopen = () => { status.textContent = "live"; status.className = "status live"; };
-    source.onerror = () => { status.textContent = "reconnecting"; status.className = "status"; };
-    source.addEventListener("counter", (event) => {
-      const {id, value} = JSON.parse(event.data);
-      show(id, value);
-      if (id === "1" && !counted) {  // the page-view snippet: first value, then one POST
-        counted = true;
-        fetch("counters/1/", {method: "POST"});
-      }
+    liveSource("counters/?ids=" + ids.map(encodeURIComponent).join(","), (source) => {
+      source.addEventListener("counter", (event) => {
+        const {id, value} = JSON.parse(event.data);
+        show(id, value);  // a new stream starts with every value: the cards keep theirs until then
+        if (id === "1" && !counted) {  // the page-view snippet: first value, then one POST, once
+          counted = true;
+          fetch("counters/1/", {method: "POST"});
+        }
+      });
+    }, (state, seconds) => {
+      status.textContent = state === "offline" ? "offline, retrying in " + seconds + " s"
+        : state === "reconnecting" ? "reconnecting…" : "live";
+      status.className = "status " + state;
     });
   });
 </script>
@@ -1541,9 +1570,12 @@ fetch("counters/", {headers: {Accept: "application/json"}})
 """
 
 EMBED_SCRIPT = """/* livecounter embed: <span data-livecounter="2"></span> becomes counter 2's live value;
-   data-livecounter-count on it also counts this page view once. One stream for all counters. */
+   data-livecounter-count on it also counts this page view once. One stream for all counters.
+   While a stream is down, its elements keep their value and say data-livecounter-state="reconnecting"
+   or "offline" (then "live"), for the page's CSS. */
 (function () {
   "use strict";
+""" + LIVE_SOURCE + """
   var base = new URL("counters/", document.currentScript.src).href;
   var VALID = /^(?!\\.+$)[A-Za-z0-9._-]{1,64}$/;  // the server's rule: not only dots
 
@@ -1556,18 +1588,29 @@ EMBED_SCRIPT = """/* livecounter embed: <span data-livecounter="2"></span> becom
       if (ids.indexOf(id) < 0) ids.push(id);
       if (element.hasAttribute("data-livecounter-count")) toCount[id] = true;
     });
-    for (var i = 0; i < ids.length; i += 100) {  // a stream takes at most 100 counters
-      var source = new EventSource(base + "?ids=" + ids.slice(i, i + 100).join(","));
-      source.addEventListener("counter", function (event) {
-        var counter = JSON.parse(event.data);
+    for (var i = 0; i < ids.length; i += 100) watch(ids.slice(i, i + 100));  // at most 100 a stream
+
+    function watch(some) {
+      liveSource(base + "?ids=" + some.join(","), function (source) {
+        source.addEventListener("counter", show);
+      }, function (state) {
         elements.forEach(function (element) {
-          if (element.getAttribute("data-livecounter") === counter.id) element.textContent = counter.value;
+          if (some.indexOf(element.getAttribute("data-livecounter")) >= 0) {
+            element.setAttribute("data-livecounter-state", state);
+          }
         });
-        if (toCount[counter.id] && !counted[counter.id]) {  // after the first value, as the snippet does
-          counted[counter.id] = true;
-          fetch(base + counter.id + "/", {method: "POST"});
-        }
       });
+    }
+
+    function show(event) {
+      var counter = JSON.parse(event.data);
+      elements.forEach(function (element) {
+        if (element.getAttribute("data-livecounter") === counter.id) element.textContent = counter.value;
+      });
+      if (toCount[counter.id] && !counted[counter.id]) {  // after the first value, as the snippet does:
+        counted[counter.id] = true;                        // once, however often the stream reopens
+        fetch(base + counter.id + "/", {method: "POST"});
+      }
     }
   }
 

@@ -5,6 +5,7 @@ Needs Debian's chromium (`apt-get install chromium`; `.ci/run` installs it). Wit
 skipped on a developer's machine and fail under CI=true.
 """
 
+import asyncio
 import json
 import os
 import re
@@ -149,3 +150,119 @@ async def test_embed_js_shows_and_counts_on_another_origin(browser, counter_url,
     assert "livecounter_listeners 1\n" in metrics  # one stream for all of the page's counters
     assert await value_of(counter_url, 2) == 1
     assert errors == []
+
+
+# --- outages: a stream answered 502 or 503 for a while --------------------------------------------
+
+@pytest.fixture
+async def flaky_proxy(aiohttp_server, counter_url):
+    """A proxy in front of the counter server with a switch, as nginx in front of a livecounter that
+    restarts: `down(status)` ends the streams it carries and answers `status` (502, 503) to every
+    request until `up()`. `refused` counts the event-stream requests it refused."""
+    class Proxy:
+        def __init__(self):
+            self.status, self.refused, self.streams = None, 0, set()
+
+        def down(self, status):
+            self.status = status
+            for upstream in list(self.streams):
+                upstream.close()
+
+        def up(self):
+            self.status = None
+
+    proxy = Proxy()
+    session = aiohttp.ClientSession()
+
+    async def relay(request):
+        if proxy.status:
+            proxy.refused += "text/event-stream" in request.headers.get("Accept", "")
+            return web.Response(status=proxy.status, text="down\n",
+                                headers={"Access-Control-Allow-Origin": "*"})
+        headers = {name: request.headers[name] for name in ("Accept", "Content-Type") if name in request.headers}
+        async with session.request(request.method, counter_url + request.path_qs.lstrip("/"),
+                                   headers=headers, data=await request.read()) as upstream:
+            response = web.StreamResponse(status=upstream.status, headers={
+                name: upstream.headers[name] for name in ("Content-Type", "Cache-Control", "Access-Control-Allow-Origin")
+                if name in upstream.headers})
+            await response.prepare(request)
+            proxy.streams.add(upstream)
+            try:
+                async for data in upstream.content.iter_any():
+                    await response.write(data)
+            except aiohttp.ClientError:  # down(): the stream ends, as it does when livecounter stops
+                pass
+            finally:
+                proxy.streams.discard(upstream)
+            await response.write_eof()
+            return response
+
+    app = web.Application()
+    app.router.add_route("*", "/{path:.*}", relay)
+    proxy.url = f"http://127.0.0.1:{(await aiohttp_server(app, host='127.0.0.1')).port}/"
+    yield proxy
+    proxy.down(502)  # the server's cleanup waits for handlers: end the streams the page still holds
+    await session.close()
+
+
+def uncaught(errors):
+    """The errors but Chromium's own line for each request that failed (an error status, a dropped
+    connection): an outage makes those on purpose, and the page's code never sees them as errors."""
+    return [error for error in errors if not error.startswith("Failed to load resource: ")]
+
+
+async def wait_until(condition, timeout=15):
+    async def poll():
+        while not condition():
+            await asyncio.sleep(0.1)
+    await asyncio.wait_for(poll(), timeout)  # asyncio.timeout() is Python 3.11+
+
+
+async def test_embed_js_reopens_its_stream_after_a_502_and_counts_the_view_once(
+        browser, counter_url, flaky_proxy, other_origin):
+    blog = await other_origin(f"""<!doctype html><title>blog</title><body>
+        <p>views: <span id="views" data-livecounter="2" data-livecounter-count>…</span></p>
+        <p>likes: <span id="likes" data-livecounter="3">…</span></p>
+        <script src="{flaky_proxy.url}embed.js"></script></body>""")
+    errors = []
+    page = await open_page(browser, blog, errors)
+    await shows(page, "#views", "1")
+    await shows(page, "#likes", "0")
+
+    flaky_proxy.down(502)  # the stream ends; the browser's own retry gets a 502 and gives up
+    state = "(state) => document.getElementById('views').dataset.livecounterState === state"
+    await page.wait_for_function(state, arg="offline", timeout=15_000)
+    await wait_until(lambda: flaky_proxy.refused >= 2)  # embed.js reopened it, and got a 502 again
+    await shows(page, "#views", "1")  # the value stays shown meanwhile
+    await shows(page, "#likes", "0")
+    flaky_proxy.up()
+    await page.wait_for_function(state, arg="live", timeout=15_000)
+
+    async with aiohttp.ClientSession() as session:
+        await session.post(f"{counter_url}counters/3/")
+    await shows(page, "#likes", "1")
+    await shows(page, "#views", "1")
+    assert await value_of(counter_url, 2) == 1  # counted once, not again on the new stream
+    assert uncaught(errors) == []
+
+
+async def test_the_demo_page_reopens_its_stream_after_a_503_and_says_so(browser, counter_url, flaky_proxy):
+    errors = []
+    page = await open_page(browser, flaky_proxy.url, errors)
+    await shows(page, "#status", "live")
+    await shows(page, "[data-id='1'] .value", "1")
+
+    flaky_proxy.down(503)
+    await shows(page, "#status", "reconnecting…")  # the browser retries by itself first
+    await page.wait_for_function(
+        "document.getElementById('status').textContent.startsWith('offline, retrying in ')", timeout=15_000)
+    await wait_until(lambda: flaky_proxy.refused >= 2)
+    await shows(page, "[data-id='1'] .value", "1")  # the cards keep their values
+    flaky_proxy.up()
+    await shows(page, "#status", "live", timeout=15_000)
+
+    async with aiohttp.ClientSession() as session:
+        await session.post(f"{counter_url}counters/5/")
+    await shows(page, "[data-id='5'] .value", "1")
+    assert await value_of(counter_url, 1) == 1  # its own view, counted once
+    assert uncaught(errors) == []
