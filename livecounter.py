@@ -33,12 +33,14 @@ import argparse
 import asyncio
 import collections
 import dataclasses
+import gc
 import hmac
 import itertools
 import json
 import logging
 import math
 import os
+import random
 import re
 import resource
 import signal
@@ -46,7 +48,7 @@ import socket
 import stat
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Hashable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -102,8 +104,8 @@ class Settings:
     durable: bool = option(False, "answer a change only once it is on disk (group commit)")
     auto_create: bool = option(False, "a POST to an unknown id creates the counter")
     max_counters: int = option(10_000, "the most counters --auto-create makes", parse=positive_int)
-    post_rate: float | None = option(None, "increments per second per client address, in bursts of twice "
-                                     "that; past it, 429", parse=positive_float, shown="unlimited")
+    post_rate: float | None = option(None, "increments per second per client address and counter, in "
+                                     "bursts of twice that; past it, 429", parse=positive_float, shown="unlimited")
     trust_proxy: bool = option(False, "take the client address from X-Forwarded-For (behind nginx or Pushpin)")
     keepalive_interval: float = option(15.0, "seconds of silence before a stream gets a ':' comment",
                                        parse=positive_float)
@@ -909,35 +911,39 @@ def grip_sig_valid(signature: str, key: str | None) -> bool:
 # --------------------------------------------------------------------------------------------------
 
 class RateLimiter:
-    """A token bucket per client address: `rate` requests a second, in bursts of up to `burst`."""
+    """A token bucket per key: `rate` requests a second, in bursts of up to `burst`. For --post-rate
+    the key is (client address, counter id): a page that counts several counters at once (embed.js
+    with three ids) makes one increment of each, and none of them is refused for the others."""
 
-    MAX_CLIENTS = 100_000  # past this many buckets, the least recently used one is forgotten
+    # Past this many buckets the least recently used one is forgotten: a key that comes back starts
+    # full, like a new one. Forgetting gives nobody more than one burst, and only after MAX_BUCKETS
+    # other keys were used, so flooding the table (many addresses, or ids that don't exist) gains nothing.
+    MAX_BUCKETS = 100_000
 
     def __init__(self, rate: float, burst: float) -> None:
         self._rate = rate
         self._burst = burst
-        # client -> (tokens, when counted), least recently used first: forgetting one is O(1), however
-        # many clients there are (a scan of them all would stall the loop with many IPv6 clients).
-        self._buckets: collections.OrderedDict[str, tuple[float, float]] = collections.OrderedDict()
+        # key -> (tokens, when counted), least recently used first: forgetting one is O(1), however
+        # many keys there are (a scan of them all would stall the loop with many IPv6 clients).
+        self._buckets: collections.OrderedDict[Hashable, tuple[float, float]] = collections.OrderedDict()
 
-    def retry_after(self, client: str) -> float:
-        """Take a token for client: 0 if it had one, else the seconds until it will."""
+    def retry_after(self, key: Hashable) -> float:
+        """Take a token for key: 0 if it had one, else the seconds until it will."""
         now = time.monotonic()
         buckets = self._buckets
-        bucket = buckets.get(client)
+        bucket = buckets.get(key)
         if bucket is None:
             tokens = self._burst
-            if len(buckets) >= self.MAX_CLIENTS:
-                # The client idle the longest: if it comes back, it starts full, like a new one.
-                buckets.popitem(last=False)
+            if len(buckets) >= self.MAX_BUCKETS:
+                buckets.popitem(last=False)  # the key idle the longest
         else:
             tokens, counted = bucket
             tokens = min(self._burst, tokens + (now - counted) * self._rate)
-            buckets.move_to_end(client)
+            buckets.move_to_end(key)
         if tokens < 1:
-            buckets[client] = (tokens, now)
+            buckets[key] = (tokens, now)
             return (1 - tokens) / self._rate
-        buckets[client] = (tokens - 1, now)
+        buckets[key] = (tokens - 1, now)
         return 0.0
 
 
@@ -1178,8 +1184,9 @@ def increment_handler(app: web.Application) -> Handler:
         counter_id = request.match_info["counter_id"]
         if request.body_exists:
             await read_body(request)
-        if post_rate is not None and (wait := post_rate.retry_after(client_address(request))):
-            retry_later(web.HTTPTooManyRequests, "too many increments from this address", wait)
+        # One bucket per client and counter: a tuple key costs a little, and only with --post-rate.
+        if post_rate is not None and (wait := post_rate.retry_after((client_address(request), counter_id))):
+            retry_later(web.HTTPTooManyRequests, "too many increments of this counter from this address", wait)
         refuse_while_saves_fail(store)
         try:
             value = store.increment(counter_id)
@@ -1628,8 +1635,8 @@ EMBED_SCRIPT = """/* livecounter embed: <span data-livecounter="2"></span> becom
 class Serving:
     """Options of the command line alone: where to listen, and the access log."""
 
-    host: str = option("127.0.0.1", "address to listen on")
-    port: int = option(8080, "port to listen on", parse=int)
+    host: str = option("127.0.0.1", "address to listen on, unless systemd passes the sockets")
+    port: int = option(8080, "port to listen on, unless systemd passes the sockets", parse=int)
     no_access_log: bool = option(False, "don't log every request (the access log is in the combined format)",
                                  shown="logged")
 
@@ -1698,10 +1705,47 @@ def raise_open_file_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard_limit, hard_limit))
 
 
+FIRST_PASSED_DESCRIPTOR = 3  # SD_LISTEN_FDS_START: systemd passes its sockets from descriptor 3 on
+
+
+def passed_sockets() -> list[socket.socket]:
+    """The listening sockets systemd passed to this process (socket activation, as sd_listen_fds(3)
+    reads them), or none. Its variables are removed whoever they were for, as sd_listen_fds(1) does,
+    so that no child takes them for its own. ValueError if a descriptor is no listening stream socket."""
+    pid, count = (os.environ.pop(name, "") for name in ("LISTEN_PID", "LISTEN_FDS"))
+    os.environ.pop("LISTEN_FDNAMES", None)  # names for the sockets: livecounter serves them all alike
+    if not (pid.isdigit() and int(pid) == os.getpid() and count.isdigit()):
+        return []  # none passed, or passed to a parent that didn't take them (the pid is its own)
+    sockets = []
+    for descriptor in range(FIRST_PASSED_DESCRIPTOR, FIRST_PASSED_DESCRIPTOR + int(count)):
+        try:
+            sock = socket.socket(fileno=descriptor)  # family and type come from the descriptor
+        except OSError as error:
+            raise ValueError(f"descriptor {descriptor} from systemd: {error.strerror or error}") from None
+        if sock.type != socket.SOCK_STREAM or not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+            raise ValueError(f"descriptor {descriptor} from systemd is not a listening stream socket "
+                             "(the socket unit needs ListenStream= and Accept=no)")
+        sock.setblocking(False)  # the event loop accepts on it
+        sock.set_inheritable(False)  # close-on-exec, as sd_listen_fds(3) sets it
+        sockets.append(sock)
+    return sockets
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     raise_open_file_limit()
+    # A crowd of streams opening at once (a restart's reconnect storm) keeps thousands of requests in
+    # flight: the collector's young generations promoted them, so full collections of the whole heap
+    # (~100 ms each on 2 shared cores) came every ~2,000 streams: a third of the storm's CPU. A young
+    # generation ten times the default makes them rare (bench/README.md, row 8); garbage cycles just
+    # wait a little longer.
+    gc.set_threshold(7000, 10, 10)
+    try:
+        sockets = passed_sockets()
+    except ValueError as error:
+        print(f"livecounter: {error}", file=sys.stderr)
+        return 2
     try:
         app = create_app(**{field.name: getattr(args, field.name) for field in dataclasses.fields(Settings)
                             if field.metadata}, admin_token=os.environ.get("LIVECOUNTER_ADMIN_TOKEN") or None)
@@ -1711,7 +1755,7 @@ def main(argv: list[str] | None = None) -> int:
     access_log = None if args.no_access_log else logging.getLogger("aiohttp.access")
     loop = uvloop.new_event_loop() if uvloop is not None else asyncio.new_event_loop()
     try:
-        return loop.run_until_complete(serve(app, args.host, args.port, access_log))
+        return loop.run_until_complete(serve(app, args.host, args.port, access_log, sockets))
     finally:
         if left_running := asyncio.all_tasks(loop):  # whatever a handler left behind
             for task in left_running:
@@ -1721,20 +1765,30 @@ def main(argv: list[str] | None = None) -> int:
         loop.close()
 
 
-async def serve(app: web.Application, host: str, port: int, access_log: logging.Logger | None) -> int:
-    """Serve until SIGINT or SIGTERM, then stop cleanly: end the streams, let the requests in progress
-    finish (5 s at most), save. A second signal doesn't cut that short (aiohttp's run_app would
-    cancel the stop, final save included): it is logged and ignored."""
+async def serve(app: web.Application, host: str, port: int, access_log: logging.Logger | None,
+                sockets: Sequence[socket.socket] = ()) -> int:
+    """Serve on host and port, or on the sockets systemd passed, until SIGINT or SIGTERM, then stop
+    cleanly: end the streams, let the requests in progress finish (5 s at most), save. A second
+    signal doesn't cut that short (aiohttp's run_app would cancel the stop, final save included): it
+    is logged and ignored."""
     runner = web.AppRunner(app, access_log=access_log, access_log_class=AccessLogger, shutdown_timeout=5)
     await runner.setup()
-    try:
-        # backlog: after a restart every browser's EventSource reconnects at once; 128 queued
-        # connections overflow and the rest wait a SYN retransmit (1 s, then 3 s, ...) each.
-        await web.TCPSite(runner, host, port, backlog=4096).start()
-    except OSError as error:  # the port is taken, or the address is not this machine's
-        print(f"livecounter: cannot listen on {host}:{port}: {error.strerror or error}", file=sys.stderr)
-        await runner.cleanup()
-        return 1
+    if sockets:
+        # Socket activation: systemd keeps listening (with its socket unit's backlog) while no
+        # livecounter runs, so a restart refuses no connection: they wait for the next process.
+        for sock in sockets:
+            await web.SockSite(runner, sock).start()
+        urls = [socket_url(sock) for sock in sockets]
+    else:
+        try:
+            # backlog: after a restart every browser's EventSource reconnects at once; 128 queued
+            # connections overflow and the rest wait a SYN retransmit (1 s, then 3 s, ...) each.
+            await web.TCPSite(runner, host, port, backlog=4096).start()
+        except OSError as error:  # the port is taken, or the address is not this machine's
+            print(f"livecounter: cannot listen on {host}:{port}: {error.strerror or error}", file=sys.stderr)
+            await runner.cleanup()
+            return 1
+        urls = [http_url(host, port)]
     stopping = asyncio.Event()
 
     def on_signal(signal_number: int) -> None:
@@ -1744,11 +1798,37 @@ async def serve(app: web.Application, host: str, port: int, access_log: logging.
 
     for signal_number in (signal.SIGINT, signal.SIGTERM):
         asyncio.get_running_loop().add_signal_handler(signal_number, on_signal, signal_number)
-    shown_host = f"[{host}]" if ":" in host else host
-    print(f"livecounter serving http://{shown_host}:{port}/ (Ctrl+C to stop)", flush=True)
+    print(f"livecounter serving {' '.join(urls)} (Ctrl+C to stop)", flush=True)
     await stopping.wait()
+    await stop_accepting(runner)
     await runner.cleanup()
     return 0
+
+
+ARRIVAL_GRACE = 0.1  # seconds for the requests of connections just accepted to arrive, when stopping
+
+
+async def stop_accepting(runner: web.AppRunner) -> None:
+    """Take no more connections, then give those just taken a moment to send their requests. aiohttp's
+    shutdown waits for the requests in progress but closes every other connection, and one accepted
+    just before the signal usually has its request still unread: a POST lost with no answer. The
+    connections not taken wait in the listening socket if systemd holds it (socket activation) for
+    the next livecounter; otherwise closing it refuses them."""
+    for site in list(runner.sites):
+        await site.stop()
+    await asyncio.sleep(ARRIVAL_GRACE)
+
+
+def http_url(host: str, port: int) -> str:
+    return f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
+
+
+def socket_url(sock: socket.socket) -> str:
+    """Where a listening socket serves, as the start-up line shows it (a UNIX socket as nginx writes it)."""
+    if sock.family == socket.AF_UNIX:
+        return f"http://unix:{sock.getsockname()}:/"
+    host, port = sock.getsockname()[:2]
+    return http_url(host, port)
 
 
 if __name__ == "__main__":

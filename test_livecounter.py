@@ -587,7 +587,7 @@ async def test_post_rate_limits_each_client(make_client):
                for _ in range(5)]
     assert [answer.status for answer in answers] == [200, 200, 200, 200, 429]  # a burst of 2 x 2
     assert int(answers[-1].headers["Retry-After"]) >= 1
-    assert await answers[-1].text() == "too many increments from this address\n"
+    assert await answers[-1].text() == "too many increments of this counter from this address\n"
     other = await client.post("/counters/1/", headers={"X-Forwarded-For": "198.51.100.7, 203.0.113.9"})
     assert other.status == 200  # another client has its own bucket
     await asyncio.sleep(0.6)
@@ -602,16 +602,28 @@ async def test_forwarded_for_is_ignored_unless_the_proxy_is_trusted(make_client)
     assert statuses.count(429) == 2  # one bucket for the real address, whatever the header says
 
 
-def test_the_rate_limiter_forgets_the_least_recently_seen_clients(monkeypatch):
+async def test_post_rate_counts_each_counter_of_a_client_apart(make_client):
+    # A page with three counted embed.js ids makes three increments at once: none is refused.
+    client = await make_client(post_rate=1)  # bursts of 2
+    for _ in range(2):
+        answers = [await client.post(f"/counters/{counter_id}/") for counter_id in (1, 2, 3)]
+        assert [answer.status for answer in answers] == [200, 200, 200]
+    past_the_burst = await client.post("/counters/2/")
+    assert past_the_burst.status == 429 and int(past_the_burst.headers["Retry-After"]) >= 1
+    assert (await client.post("/counters/4/")).status == 200  # the other counters' buckets are their own
+    assert json.loads(await (await client.get("/counters/")).text())["2"] == 2
+
+
+def test_the_rate_limiter_forgets_the_least_recently_seen_buckets(monkeypatch):
     # Each request forgets at most one bucket, not a scan of them all, and a client that keeps going
     # is the most recently seen: it keeps its bucket, and its limit.
     from livecounter import RateLimiter
-    monkeypatch.setattr(RateLimiter, "MAX_CLIENTS", 3)
+    monkeypatch.setattr(RateLimiter, "MAX_BUCKETS", 3)
     limiter = RateLimiter(rate=0.01, burst=2)
     waits = []
     for i in range(20):
-        assert limiter.retry_after(f"2001:db8::{i}") == 0  # a new client has its burst
-        waits.append(limiter.retry_after("2001:db8::ffff"))
+        assert limiter.retry_after(("2001:db8::1", f"page-{i}")) == 0  # a new bucket has its burst
+        waits.append(limiter.retry_after(("2001:db8::ffff", "1")))
         assert len(limiter._buckets) <= 3
     assert waits[:2] == [0, 0] and all(wait > 0 for wait in waits[2:]), waits
 
