@@ -859,7 +859,7 @@ class GripPublisher:
                 async with session.post(target.publish_url, json={"items": publish_items(batch)}) as response:
                     if response.status != 200:
                         raise aiohttp.ClientError(f"{response.status} {(await response.text()).strip()[:200]}")
-            except (aiohttp.ClientError, TimeoutError) as error:
+            except (aiohttp.ClientError, asyncio.TimeoutError) as error:  # 3.10: not the builtin TimeoutError
                 for counter_id, value in batch.items():
                     target.unpublished.setdefault(counter_id, value)  # unless superseded meanwhile
                 self.failures += 1
@@ -1063,17 +1063,19 @@ async def read_body(request: web.Request) -> bytes:
         return b""
     if (request.content_length or 0) > MAX_BODY_BYTES:
         raise body_too_large()
-    body = b""
-    try:
-        async with asyncio.timeout(BODY_TIMEOUT):
-            while received := await request.content.read(MAX_BODY_BYTES + 1):
-                body += received
-                if len(body) > MAX_BODY_BYTES:
-                    raise body_too_large()
-    except TimeoutError:
+
+    async def read() -> bytes:
+        body = b""
+        while received := await request.content.read(MAX_BODY_BYTES + 1):
+            body += received
+            if len(body) > MAX_BODY_BYTES:
+                raise body_too_large()
+        return body
+    try:  # asyncio.wait_for: asyncio.timeout() is Python 3.11+
+        return await asyncio.wait_for(read(), BODY_TIMEOUT)
+    except asyncio.TimeoutError:  # the builtin TimeoutError from 3.11 on, but a class of its own on 3.10
         raise web.HTTPRequestTimeout(text=f"the request body did not arrive within {BODY_TIMEOUT} s\n",
                                      headers={"Connection": "close"}) from None
-    return body
 
 
 def body_too_large() -> web.HTTPException:

@@ -382,10 +382,13 @@ async def test_a_listener_stuck_past_the_timeout_is_disconnected(data_file):
 
         loop = asyncio.get_running_loop()
         received = b""
-        try:
-            async with asyncio.timeout(5):  # the server closed it: reading ends instead of waiting
-                while data := await loop.sock_recv(stuck, 65536):
-                    received += data
+
+        async def read_to_the_end():
+            nonlocal received
+            while data := await loop.sock_recv(stuck, 65536):
+                received += data
+        try:  # the server closed it: reading ends instead of waiting
+            await asyncio.wait_for(read_to_the_end(), 5)
         except ConnectionResetError:
             pass  # aborted: what the server had queued is dropped
         assert b"data: 3000\n" not in received, "it was dropped, not caught up"
@@ -865,6 +868,50 @@ async def test_a_save_keeps_a_symlinked_data_file_and_its_mode(make_client, tmp_
     assert json.loads(real.read_text())["1"] == 1
     assert real.stat().st_mode & 0o777 == 0o600
     assert [path.name for path in real.parent.iterdir()] == ["counters.json"]  # no temporary file left
+
+
+# --- GRIP publishing, to a fake Pushpin ------------------------------------------------------------
+
+async def test_a_publish_timeout_is_reported_and_publishing_goes_on(aiohttp_server, make_client, monkeypatch):
+    # On Python 3.10 aiohttp's timeout is asyncio.TimeoutError, not the builtin TimeoutError: a
+    # publisher that caught only the latter died at the first slow answer, silently.
+    monkeypatch.setattr(livecounter, "PUBLISH_TIMEOUT", 0.2)
+    published = []  # the content of every item the fake Pushpin accepted
+    stalling = True
+
+    async def publish(request):
+        items = (await request.json())["items"]
+        if stalling:
+            await asyncio.sleep(1)  # past the timeout: the publisher gives up before this answer
+            return web.Response(text="Published\n")
+        published.extend(item["formats"]["http-stream"].get("content") for item in items)
+        return web.Response(text="Published\n")
+
+    pushpin = web.Application()
+    pushpin.router.add_post("/publish/", publish)
+    fake = await aiohttp_server(pushpin)
+    client = await make_client(grip_urls=(str(fake.make_url("/")),))
+    assert await (await client.post("/counters/1/")).text() == "1\n"
+
+    async def health_is(status):
+        while (response := await client.get("/healthz")).status != status:
+            await asyncio.sleep(0.05)
+        return await response.text()
+    reason = await asyncio.wait_for(health_is(503), 5)
+    assert f"publishing to {fake.make_url('/publish/')} failed: TimeoutError" in reason
+
+    stalling = False  # the retry goes through
+    await asyncio.wait_for(health_is(200), 5)
+    assert frame(1).decode() in published
+    assert await (await client.post("/counters/1/")).text() == "2\n"
+
+    async def published_value_2():
+        while frame(2).decode() not in published:
+            await asyncio.sleep(0.05)
+    await asyncio.wait_for(published_value_2(), 5)  # a later change is published too
+    metrics = (await (await client.get("/metrics")).text()).splitlines()
+    assert "livecounter_grip_publishing_failing 0" in metrics
+    assert not {"livecounter_grip_publish_errors_total 0", "livecounter_grip_publishes_total 0"} & set(metrics)
 
 
 # --- the command line, as separate processes -------------------------------------------------------

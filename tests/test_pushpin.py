@@ -60,35 +60,39 @@ class Pushpin:
             self.process = await asyncio.create_subprocess_exec(
                 "pushpin", "--config", str(self.config_file), stdout=out, stderr=out,
                 start_new_session=True)
-        async with asyncio.timeout(20):
-            for port in (self.http_port, self.publish_port):
-                while not port_open(port):
-                    await asyncio.sleep(0.1)
-            # Open ports are not enough: for a while condure answers "503 Accept service
-            # unavailable" on some connections (its workers join the proxy one by one), and a
-            # request that reaches the proxy before zurl is up hangs (both seen after a restart).
-            # Ready: ten answers in a row, each on a new connection, that came through the proxy
-            # (a 502 while the origin is down counts).
-            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1),
-                                             connector=aiohttp.TCPConnector(force_close=True)) as session:
-                in_a_row = 0
-                while in_a_row < 10:
-                    try:
-                        async with session.get(f"{self.url}/healthz") as response:
-                            through_proxy = "Accept service unavailable" not in await response.text()
-                    except (TimeoutError, aiohttp.ClientError):
-                        through_proxy = False
-                    in_a_row = in_a_row + 1 if through_proxy else 0
-                    await asyncio.sleep(0.05)
+        await asyncio.wait_for(self._ready(), 20)  # asyncio.timeout() is Python 3.11+
         return self
+
+    async def _ready(self) -> None:
+        for port in (self.http_port, self.publish_port):
+            while not port_open(port):
+                await asyncio.sleep(0.1)
+        # Open ports are not enough: for a while condure answers "503 Accept service
+        # unavailable" on some connections (its workers join the proxy one by one), and a
+        # request that reaches the proxy before zurl is up hangs (both seen after a restart).
+        # Ready: ten answers in a row, each on a new connection, that came through the proxy
+        # (a 502 while the origin is down counts).
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1),
+                                         connector=aiohttp.TCPConnector(force_close=True)) as session:
+            in_a_row = 0
+            while in_a_row < 10:
+                try:
+                    async with session.get(f"{self.url}/healthz") as response:
+                        through_proxy = "Accept service unavailable" not in await response.text()
+                except (asyncio.TimeoutError, aiohttp.ClientError):  # 3.10: not the builtin TimeoutError
+                    through_proxy = False
+                in_a_row = in_a_row + 1 if through_proxy else 0
+                await asyncio.sleep(0.05)
 
     async def stop(self) -> None:
         """SIGTERM: the runner stops the services it started (each runs in a process group of its own)."""
         self.process.send_signal(signal.SIGTERM)
         await asyncio.wait_for(self.process.wait(), 20)
-        async with asyncio.timeout(10):
+
+        async def ports_closed() -> None:
             while port_open(self.http_port) or port_open(self.publish_port):
                 await asyncio.sleep(0.1)
+        await asyncio.wait_for(ports_closed(), 10)
 
     def kill(self) -> None:
         """The last resort: every process started with this instance's files."""
@@ -121,7 +125,7 @@ async def setup(tmp_path, data_file):
             await origin.stop()
     finally:  # whatever failed, no Pushpin outlives its test
         if pushpin.process is not None and pushpin.process.returncode is None:
-            with contextlib.suppress(TimeoutError):
+            with contextlib.suppress(asyncio.TimeoutError):  # 3.10: not the builtin TimeoutError
                 await pushpin.stop()
         pushpin.kill()
 
@@ -131,9 +135,10 @@ def open_fds(process) -> int:
 
 
 async def wait_until(condition, timeout=10):
-    async with asyncio.timeout(timeout):
+    async def poll():
         while not await condition():
             await asyncio.sleep(0.1)
+    await asyncio.wait_for(poll(), timeout)  # asyncio.timeout() is Python 3.11+
 
 
 async def test_listeners_through_pushpin_get_the_first_value_and_every_change(setup):
