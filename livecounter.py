@@ -63,7 +63,7 @@ except ImportError:  # optional: asyncio's own loop serves too, a little slower
     uvloop = None
 
 __version__ = "1.1.0"
-__all__ = ["create_app", "Settings", "DataFileError", "main", "__version__"]
+__all__ = ["create_app", "Settings", "ReconnectWindow", "DataFileError", "main", "__version__"]
 
 log = logging.getLogger("livecounter")
 
@@ -84,6 +84,37 @@ def positive_int(text: str) -> int:
     if number < 1:
         raise ValueError(f"must be at least 1: {text!r}")
     return number
+
+
+@dataclasses.dataclass(frozen=True)
+class ReconnectWindow:
+    """How long a client waits before it reconnects a stream that ended: between `shortest` and
+    `longest` seconds, drawn for each stream. Written MIN-MAX on the command line: "1-5"."""
+
+    shortest: float
+    longest: float
+
+    def __post_init__(self) -> None:
+        if not (self.shortest > 0 and math.isfinite(self.shortest)):
+            raise ValueError(f"the shortest wait must be a number of seconds above 0: {self}")
+        if not (self.longest >= self.shortest and math.isfinite(self.longest)):
+            raise ValueError(f"the longest wait must be at least the shortest: {self}")
+
+    def __str__(self) -> str:
+        return f"{self.shortest:g}-{self.longest:g}"
+
+    def draw_ms(self) -> int:
+        """One stream's wait, in whole milliseconds (the retry field's unit), uniform in the window."""
+        return random.randint(max(1, round(self.shortest * 1000)), max(1, round(self.longest * 1000)))
+
+    @classmethod
+    def parse(cls, text: str) -> ReconnectWindow:
+        shortest, _, longest = text.partition("-")
+        try:
+            seconds = float(shortest), float(longest)
+        except ValueError:
+            raise ValueError(f"must be MIN-MAX in seconds, e.g. 1-5: {text!r}") from None
+        return cls(*seconds)
 
 
 def option(default: object, help: str, *, flag: str | None = None, parse: Callable[[str], object] | None = None,
@@ -121,6 +152,10 @@ class Settings:
                                         "separated by spaces)", flag="--grip-url", shown="none")
     grip_key: str | None = option(None, "the key Pushpin signs Grip-Sig with (its sig_key); unset, it is "
                                   "not checked", shown="unset")
+    reconnect_window: ReconnectWindow = option(
+        ReconnectWindow(1, 5), "MIN-MAX seconds a client waits before it reconnects a stream that ended "
+        "(a restart), drawn for each stream (its SSE retry field) so that they don't all come back at once",
+        parse=ReconnectWindow.parse)
     # Not an option: a token on the command line would show in ps. LIVECOUNTER_ADMIN_TOKEN sets it.
     admin_token: str | None = None  # PUT and DELETE need it as a Bearer token; None: they are off
 
@@ -496,6 +531,13 @@ def stream_style(*, multi: bool, chunked: bool) -> int:
 def encode_values(values: dict[str, int], style: int) -> bytes:
     """These counters' values as frames of one style: a stream's first frames, or a catch-up."""
     return b"".join(frames(counter_id, value)[style] for counter_id, value in values.items())
+
+
+def retry_field(window: ReconnectWindow) -> bytes:
+    """What every stream starts with: a block of its own that sets how long the client waits before
+    it reconnects, drawn for this stream, so that a restart's crowd comes back spread over the
+    window. It is no event: clients that ignore it see the same event frames."""
+    return b"retry: %d\n\n" % window.draw_ms()
 
 
 KEEPALIVE = b":\n\n"
@@ -1145,16 +1187,25 @@ async def stream(request: web.Request, counter_ids: list[str], *, multi: bool) -
     if reason := hub.client_refusal(client):
         retry_later(web.HTTPTooManyRequests, reason, 10)
     listener = hub.reserve(client, multi=multi, chunked=request.version >= HttpVersion11)
+    settings = request.app[SETTINGS]
     # The origin now: allowing_origin adds it after the handler, and these headers go out first.
-    response = web.StreamResponse(headers={**SSE_HEADERS, ALLOW_ORIGIN: request.app[SETTINGS].cors_origin})
+    response = web.StreamResponse(headers={**SSE_HEADERS, ALLOW_ORIGIN: settings.cors_origin})
+    # aiohttp sends a StreamResponse's headers at prepare() unless told to hold them for the first
+    # write: held, a stream opens with one send, not two (a tenth of its CPU in a reconnect storm, see
+    # bench/README.md). A switch of newer aiohttp (3.14 has it); 3.10 has none and sends them at once.
+    response._send_headers_immediately = False
     store = request.app[STORE]
     try:
+        # The stream ends with its connection: a client must not pool it for another request.
+        response.force_close()
         await response.prepare(request)  # aiohttp chunks it for HTTP/1.1, as the listener's style says
         first = {counter_id: store.announced_value(counter_id) for counter_id in counter_ids}
         if None in first.values():  # deleted while the headers went out
             return response
-        # The headers and the first frames in one packet (aiohttp does the chunking).
-        await response.write(encode_values(first, stream_style(multi=multi, chunked=False)))
+        # The headers (held, see above), the retry field and the first frames in one packet (aiohttp
+        # does the chunking).
+        await response.write(retry_field(settings.reconnect_window)
+                             + encode_values(first, stream_style(multi=multi, chunked=False)))
         await hub.take_over(listener, transport, first, store.announced_value)
     except ConnectionError:
         pass  # the client left: not a failure
@@ -1165,12 +1216,16 @@ async def stream(request: web.Request, counter_ids: list[str], *, multi: bool) -
 
 
 def held_by_pushpin(request: web.Request, counter_ids: list[str], multi: bool) -> web.Response:
-    """The first frames, and the instructions for Pushpin to hold the stream on the counters' channels."""
-    store = request.app[STORE]
-    keepalive = max(1, round(request.app[SETTINGS].keepalive_interval))
+    """The first frames, and the instructions for Pushpin to hold the stream on the counters' channels.
+
+    The body goes to this client alone (Pushpin forwards each client's request: tests/test_pushpin.py
+    checks that their retry fields differ), so after a Pushpin restart they come back spread too."""
+    store, settings = request.app[STORE], request.app[SETTINGS]
+    keepalive = max(1, round(settings.keepalive_interval))
     return web.Response(
-        body=encode_values({counter_id: store.announced_value(counter_id) for counter_id in counter_ids},
-                           stream_style(multi=multi, chunked=False)),
+        body=retry_field(settings.reconnect_window) + encode_values(
+            {counter_id: store.announced_value(counter_id) for counter_id in counter_ids},
+            stream_style(multi=multi, chunked=False)),
         headers={**SSE_HEADERS, "Grip-Hold": "stream",
                  "Grip-Channel": ", ".join(grip_channel(counter_id, multi) for counter_id in counter_ids),
                  "Grip-Keep-Alive": f":\\n\\n; format=cstring; timeout={keepalive}"})

@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 
 import aiohttp
@@ -55,19 +56,47 @@ async def client(make_client):
     return await make_client()
 
 
+RETRY_FIELD = re.compile(rb"retry: (\d+)\n\n")
+WINDOW_MS = (1000, 5000)  # the default --reconnect-window, 1-5 s, in the retry field's milliseconds
+retry_read = weakref.WeakKeyDictionary()  # stream response -> its retry field's value, once read
+
+
+def retry_of(block: bytes, window_ms=WINDOW_MS) -> int:
+    """The milliseconds of a stream's retry field, checked to be in the window."""
+    match = RETRY_FIELD.fullmatch(block)
+    assert match, f"a stream starts with its retry field, not {block!r}"
+    assert window_ms[0] <= int(match[1]) <= window_ms[1], (block, window_ms)
+    return int(match[1])
+
+
+async def read_retry(response, timeout=5, window_ms=WINDOW_MS):
+    """The retry field every stream starts with, checked to be in the window (read_frame and
+    read_until_value read it first if the test didn't)."""
+    retry_read[response] = retry_of(await asyncio.wait_for(response.content.readuntil(b"\n\n"), timeout),
+                                    window_ms)
+    return retry_read[response]
+
+
 async def read_frame(response, timeout=5):
-    """The next SSE frame of an aiohttp client response, keep-alive comments included."""
+    """The next SSE frame of an aiohttp client response, keep-alive comments included; the retry
+    field that comes first is checked and passed over."""
+    if response not in retry_read:
+        await read_retry(response, timeout)
     return await asyncio.wait_for(response.content.readuntil(b"\n\n"), timeout)
 
 
 async def read_until_value(response, value, timeout=5):
-    """Every value frame up to and including the one carrying value."""
+    """Every value frame up to and including the one carrying value (after the retry field)."""
+    if response not in retry_read:
+        await read_retry(response, timeout)
     values = []
-    async with asyncio.timeout(timeout):
+
+    async def read():  # under asyncio.wait_for: asyncio.timeout() is Python 3.11+
         while not values or values[-1] != value:
             received = await response.content.readuntil(b"\n\n")
             if received != b":\n\n":
                 values.append(int(received.removeprefix(b"event: message\ndata: ")))
+    await asyncio.wait_for(read(), timeout)
     return values
 
 
@@ -86,24 +115,38 @@ async def open_raw(client_or_port, request: bytes, rcvbuf=None):
 
 async def recv_until(sock, marker: bytes, received=b"", timeout=5):
     loop = asyncio.get_running_loop()
-    async with asyncio.timeout(timeout):
+
+    async def receive(received):
         while marker not in received:
             data = await loop.sock_recv(sock, 65536)
             if not data:
                 raise ConnectionError(f"closed before {marker!r}; got {received!r}")
             received += data
-    return received
+        return received
+    return await asyncio.wait_for(receive(received), timeout)
 
 
 async def recv_all(sock, timeout=5):
     """Everything the server sends until it closes the connection (ask it to: Connection: close)."""
     loop = asyncio.get_running_loop()
-    received = b""
-    async with asyncio.timeout(timeout):
+
+    async def receive():
+        received = b""
         while data := await loop.sock_recv(sock, 65536):
             received += data
+        return received
+    received = await asyncio.wait_for(receive(), timeout)
     sock.close()
     return received
+
+
+def first_chunk(body: bytes, payload: bytes, window_ms=WINDOW_MS) -> int:
+    """Check that body is exactly a stream's first chunk: its retry field, in the window, then
+    payload (its first frames, unchanged); the retry field's milliseconds."""
+    field = re.match(rb"[0-9a-f]+\r\n(retry: \d+\n\n)", body)
+    assert field, body
+    assert body == b"%x\r\n%s%s\r\n" % (len(field[1] + payload), field[1], payload)
+    return retry_of(field[1], window_ms)
 
 
 def free_port():
@@ -220,23 +263,51 @@ async def test_event_stream_bytes_on_the_wire(client):
     assert headers["cache-control"] == "no-cache"
     assert headers["x-accel-buffering"] == "no"
     assert headers["access-control-allow-origin"] == "*"
-    assert body == b"18\r\nevent: message\ndata: 0\n\n\r\n"
+    # The retry field first, a block of its own (no event), in one chunk with the first frame.
+    first_chunk(body, b"event: message\ndata: 0\n\n")
 
     await client.post("/counters/2/")
     received = await recv_until(sock, b"\n\n\r\n")
-    assert received == b"18\r\nevent: message\ndata: 1\n\n\r\n"
+    assert received == b"18\r\nevent: message\ndata: 1\n\n\r\n"  # a change: the frame alone
     sock.close()
 
 
 async def test_http10_stream_is_not_chunked(client):
     sock = await open_raw(client, sse_request(version="1.0"))
-    received = await recv_until(sock, b"\n\n")
+    received = await recv_until(sock, b"data: 0\n\n")
     head, _, body = received.partition(b"\r\n\r\n")
     assert b"chunked" not in head.lower()
-    assert body == frame(0)
+    retry, first = body.split(b"\n\n", 1)
+    retry_of(retry + b"\n\n")
+    assert first == frame(0)
     await client.post("/counters/2/")
     assert await recv_until(sock, b"\n\n") == frame(1)
     sock.close()
+
+
+async def test_every_stream_draws_its_own_retry_in_the_window(client):
+    # After a restart every client reconnects once its stream's retry has passed: drawn for each
+    # stream, so that they don't all come back in the same instant.
+    retries = set()
+    for path in ("/counters/2/", "/counters/?ids=2,3") * 4:
+        stream = await client.get(path, headers=SSE)
+        retries.add(await read_retry(stream))  # 1000-5000 ms, the default window
+        assert await read_frame(stream) == (frame(0) if "ids" not in path
+                                             else b'event: counter\ndata: {"id": "2", "value": 0}\n\n')
+        stream.close()
+    assert len(retries) > 1, retries  # 8 draws of 4,001 values, all alike: not by chance
+
+
+async def test_an_answer_held_by_pushpin_starts_with_its_own_retry(make_client):
+    client = await make_client(grip_urls=("http://127.0.0.1:9/",), reconnect_window=livecounter.ReconnectWindow(1, 2))
+    retries = set()
+    for _ in range(4):
+        response = await client.get("/counters/?ids=2", headers={**SSE, "Grip-Sig": "anything: no key is set"})
+        assert response.headers["Grip-Hold"] == "stream"
+        retry, first = (await response.read()).split(b"\n\n", 1)
+        retries.add(retry_of(retry + b"\n\n", window_ms=(1000, 2000)))
+        assert first == b'event: counter\ndata: {"id": "2", "value": 0}\n\n'
+    assert len(retries) > 1, retries
 
 
 async def test_every_listener_receives_every_change(client):
@@ -311,7 +382,7 @@ async def test_a_multi_counter_stream_sends_each_counter_then_every_change(clien
     assert json.loads((await read_frame(stream)).split(b"data: ")[1]) == {"id": "2", "value": 1}
     raw = await open_raw(client, sse_request("/counters/?ids=9"))
     payload = b'event: counter\ndata: {"id": "9", "value": 0}\n\n'
-    assert (await recv_until(raw, b"\n\n\r\n")).endswith(b"2e\r\n" + payload + b"\r\n")
+    first_chunk((await recv_until(raw, b"\n\n\r\n")).partition(b"\r\n\r\n")[2], payload)
     raw.close()
 
 
@@ -341,7 +412,7 @@ async def test_a_grip_sig_that_is_not_utf8_gets_a_direct_stream(make_client):
     head, _, body = (await recv_until(sock, b"\r\n\r\n")).partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200 "), head
     assert b"grip-hold" not in head.lower()
-    assert await recv_until(sock, b"\n\n\r\n", body) == b"18\r\nevent: message\ndata: 0\n\n\r\n"
+    first_chunk(await recv_until(sock, b"\n\n\r\n", body), b"event: message\ndata: 0\n\n")
     await client.post("/counters/2/")
     assert await recv_until(sock, b"\n\n\r\n") == b"18\r\nevent: message\ndata: 1\n\n\r\n"
     sock.close()
@@ -1016,6 +1087,35 @@ async def test_options_come_from_environment_variables(data_file):
         response = await session.get(f"{server.url}/counters/1/")
         assert response.headers["Access-Control-Allow-Origin"] == "https://a.example"
     await server.stop()
+
+
+async def test_the_reconnect_window_sets_the_retry_field(data_file):
+    for how in ("option", "variable"):
+        server = (Server(data_file, "--reconnect-window", "2-2") if how == "option"
+                  else Server(data_file, env={"LIVECOUNTER_RECONNECT_WINDOW": "2-2"}))
+        await server.start()
+        async with aiohttp.ClientSession() as session:
+            for path in ("/counters/1/", "/counters/?ids=1,2"):
+                async with session.get(f"{server.url}{path}", headers=SSE) as stream:
+                    assert await read_retry(stream, window_ms=(2000, 2000)) == 2000, how
+        await server.stop()
+
+
+def test_a_reconnect_window_is_min_max_seconds(monkeypatch, capsys):
+    from livecounter import ReconnectWindow, parse_args
+    assert parse_args(["--reconnect-window", "0.5-2.5"]).reconnect_window == ReconnectWindow(0.5, 2.5)
+    assert parse_args([]).reconnect_window == ReconnectWindow(1, 5)
+    assert str(ReconnectWindow(1, 5)) == "1-5"
+    for text, reason in (("0-5", "the shortest wait must be a number of seconds above 0: 0-5"),
+                         ("5-1", "the longest wait must be at least the shortest: 5-1"),
+                         ("3", "must be MIN-MAX in seconds, e.g. 1-5: '3'"),
+                         ("1-five", "must be MIN-MAX in seconds, e.g. 1-5: '1-five'"),
+                         ("1-inf", "the longest wait must be at least the shortest: 1-inf")):
+        with pytest.raises(SystemExit):
+            parse_args([f"--reconnect-window={text}"])
+        assert f"argument --reconnect-window: {reason}\n" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="longest"):  # an embedder's window, for create_app, too
+        ReconnectWindow(2, 1)
 
 
 async def test_the_access_log_is_on_unless_turned_off(data_file):

@@ -1,6 +1,6 @@
 """Benchmarks: livecounter side by side with its floor (a bare aiohttp handler) and nginx+nchan.
 
-    python bench/run.py            # the full table, also written into bench/README.md: ~11 minutes on 2 cores
+    python bench/run.py            # the full table, also written into bench/README.md: ~12 minutes on 2 cores
     python bench/run.py --quick    # a short smoke run that proves the harness works (prints only)
 
 Every server runs in its own process and is driven from others (wrk, bench/listeners.py), all on
@@ -194,19 +194,31 @@ def post(url: str, body: bytes = b"") -> bytes:
 
 
 class Listeners:
-    """count streams held by bench/listeners.py processes."""
+    """count streams held by bench/listeners.py processes. With storm, every process opens all of its
+    streams at once, the processes together; storm_seconds is then the time from their start until
+    the last stream had its first value."""
 
-    def __init__(self, server: Server, count: int, path: str | None = None, wave: int = 100) -> None:
+    def __init__(self, server: Server, count: int, path: str | None = None, wave: int = 100,
+                 storm: bool = False) -> None:
         self.count = count
         sizes = [min(LISTENERS_PER_PROCESS, count - start) for start in range(0, count, LISTENERS_PER_PROCESS)]
         self.processes = [
             subprocess.Popen([PYTHON, str(BENCH / "listeners.py"), "127.0.0.1", str(server.port),
-                              path or server.stream_path, str(size), str(wave)],
+                              path or server.stream_path, str(size), "storm" if storm else str(wave)],
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
             for size in sizes]
-        for process in self.processes:
-            if process.stdout.readline().strip() != "ready":
-                raise RuntimeError("listeners did not connect")
+        if storm:
+            if any(process.stdout.readline().strip() != "set" for process in self.processes):
+                raise RuntimeError("listeners did not start")
+            for process in self.processes:  # together, once every process is running
+                process.stdin.write("go\n")
+                process.stdin.flush()
+        answers = [process.stdout.readline().split() for process in self.processes]
+        if any(answer[:1] != ["ready"] for answer in answers):
+            raise RuntimeError(f"listeners did not connect: {answers}")
+        if storm:
+            self.storm_seconds = (max(float(answer[2]) for answer in answers)
+                                  - min(float(answer[1]) for answer in answers))
 
     def all_have(self, value: int) -> float:
         """The monotonic time at which the last stream had value (or a later one)."""
@@ -456,6 +468,45 @@ def hot_counter(workdir: Path, count: int, seconds: float, rounds: int) -> dict:
     return results
 
 
+def reconnect_storm(workdir: Path, count: int, rounds: int) -> dict:
+    """8: `count` streams opened at once, as the browsers a restart cut off come back together (those
+    whose retry delays coincide), until every one has its first value: livecounter (uvloop) and
+    nginx+nchan side by side, visited in alternating order; a round is a pair, its ratio
+    livecounter's time / nchan's. The streams come from the listener processes (5,000 each), which
+    share the two cores with the server: their own work is in both times."""
+    servers = {"livecounter uvloop": livecounter("uvloop", workdir), "nginx+nchan": nchan(workdir)}
+    try:
+        post(servers["nginx+nchan"].url("/pub/1"), b"1")  # a new subscriber gets the channel's last message
+        runs: dict[str, list[float]] = {}
+        for burst in range(rounds):
+            seconds = {}
+            for name in in_turn(list(servers), burst):
+                listeners = Listeners(servers[name], count, storm=True)
+                seconds[name] = listeners.storm_seconds
+                listeners.close()
+                _all_closed(servers[name])
+            for name, value in seconds.items():
+                runs.setdefault(name, []).append(value)
+            runs.setdefault("ratio", []).append(seconds["livecounter uvloop"] / seconds["nginx+nchan"])
+        return medians_and_spreads(runs)
+    finally:
+        for server in servers.values():
+            server.stop()
+
+
+def _all_closed(server: Server) -> None:
+    """Wait until the server has let go of the streams just closed (livecounter says so; nchan gets a
+    second), then settle."""
+    deadline = time.monotonic() + 30
+    while "livecounter" in server.name and time.monotonic() < deadline:
+        if re.search(r"^livecounter_listeners 0$", _metrics(server), re.M):
+            break
+        time.sleep(0.1)
+    else:
+        time.sleep(1)
+    settle()
+
+
 def scale(workdir: Path, count: int, seconds: float) -> dict:
     """6: `count` listeners and `seconds` of maximum POST rate: errors, and RSS along the way."""
     server = livecounter("uvloop", workdir)
@@ -549,7 +600,8 @@ def shown(value: float, digits: int) -> float:
 
 
 def report(quick: bool, inc: dict, cost: dict, instructions: dict, durable: dict, broadcasts: dict, hot: dict,
-           scaled: dict, many: dict, sizes: dict, *, day: str | None = None, where: str | None = None) -> str:
+           scaled: dict, many: dict, storms: dict, sizes: dict, *, day: str | None = None,
+           where: str | None = None) -> str:
     """The table in Markdown: a line naming the run and the machine, then one row per figure; a row
     with a target says "met" or "not met". day and where default to today and this machine."""
     day = day or datetime.date.today().isoformat()
@@ -620,6 +672,11 @@ def report(quick: bool, inc: dict, cost: dict, instructions: dict, durable: dict
         f"start {many['start_s']:.2f} s; {many['saves']} saves of {many['save_ms']:.0f} ms each, "
         f"longest stall {many['max_stall_ms']:.0f} ms", "start < 1 s, stall ≤ 100 ms",
         shown(many["start_s"], 2) < 1 and shown(many["max_stall_ms"], 0) <= 100)
+    for count, storm in storms.items():
+        row("8", f"reconnect storm: {count:,} streams opened at once, until each has its first value: "
+                 "livecounter uvloop vs nginx+nchan",
+            f"{storm['livecounter uvloop']:.2f} s vs {storm['nginx+nchan']:.2f} s: "
+            f"**{storm['ratio']:.2f}×**{spread(storm, 'ratio')}", "≤ 1.0×", shown(storm["ratio"], 2) <= 1.0)
     return "\n".join(lines)
 
 
@@ -646,7 +703,7 @@ def main() -> int:
     quick = args.quick
     sizes = {"broadcast": [500] if quick else [5000, 10000], "hot": 500 if quick else 5000,
              "scale": 1000 if quick else 10000, "scale_seconds": 3 if quick else 30,
-             "counters": 10_000 if quick else 100_000}
+             "counters": 10_000 if quick else 100_000, "storm": [1000] if quick else [5000, 10000]}
     sessions, rounds, burst = (1, 1, 1) if quick else (3, 6, 2)
     with tempfile.TemporaryDirectory(prefix="livecounter-bench-") as directory:
         workdir = Path(directory)
@@ -670,7 +727,10 @@ def main() -> int:
         hot = phase("hot counter", lambda: hot_counter(workdir, sizes["hot"], burst + 1, rounds))
         scaled = phase("scale", lambda: scale(workdir, sizes["scale"], sizes["scale_seconds"]))
         many = phase("many counters", lambda: many_counters(workdir, sizes["counters"], 3 if quick else 10))
-    table = report(quick, inc, cost, instructions, durable, broadcasts, hot, scaled, many, sizes)
+        storms = {count: phase(f"reconnect storm of {count}",
+                               lambda: reconnect_storm(workdir, count, 3 if quick else 5))
+                  for count in sizes["storm"]}
+    table = report(quick, inc, cost, instructions, durable, broadcasts, hot, scaled, many, storms, sizes)
     print(table)  # first: whatever happens to the file, the figures are on the screen
     print("\n(" + "; ".join(phases) + ")", file=sys.stderr)
     if quick:

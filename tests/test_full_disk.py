@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from livecounter import create_app
-from test_livecounter import ZEROS
+from test_livecounter import ZEROS, read_frame
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -118,7 +118,7 @@ async def test_durable_announces_refused_changes_once_a_save_holds_them(aiohttp_
     sse = {"Accept": "text/event-stream"}
     incremented, set_, deleted = [await client.get(f"/counters/{i}/", headers=sse) for i in (1, 2, 3)]
     for stream in (incremented, set_, deleted):
-        assert (await stream.content.readuntil(b"\n\n")).endswith(b"data: 0\n\n")
+        assert (await read_frame(stream)).endswith(b"data: 0\n\n")  # after its retry field
 
     small_disk.fill()
     refused = await asyncio.gather(  # made in memory together, then the save that would hold them fails
