@@ -5,7 +5,6 @@ Needs Debian's chromium (`apt-get install chromium`; `.ci/run` installs it). Wit
 skipped on a developer's machine and fail under CI=true.
 """
 
-import asyncio
 import json
 import os
 import re
@@ -19,7 +18,7 @@ from PIL import Image
 from playwright.async_api import async_playwright
 
 from livecounter import create_app
-from test_livecounter import ZEROS
+from conftest import ZEROS, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = "/usr/bin/chromium"
@@ -211,13 +210,6 @@ def uncaught(errors):
     return [error for error in errors if not error.startswith("Failed to load resource: ")]
 
 
-async def wait_until(condition, timeout=15):
-    async def poll():
-        while not condition():
-            await asyncio.sleep(0.1)
-    await asyncio.wait_for(poll(), timeout)  # asyncio.timeout() is Python 3.11+
-
-
 async def test_embed_js_reopens_its_stream_after_a_502_and_counts_the_view_once(
         browser, counter_url, flaky_proxy, other_origin):
     blog = await other_origin(f"""<!doctype html><title>blog</title><body>
@@ -232,7 +224,7 @@ async def test_embed_js_reopens_its_stream_after_a_502_and_counts_the_view_once(
     flaky_proxy.down(502)  # the stream ends; the browser's own retry gets a 502 and gives up
     state = "(state) => document.getElementById('views').dataset.livecounterState === state"
     await page.wait_for_function(state, arg="offline", timeout=15_000)
-    await wait_until(lambda: flaky_proxy.refused >= 2)  # embed.js reopened it, and got a 502 again
+    await wait_until(lambda: flaky_proxy.refused >= 2, timeout=15)  # embed.js reopened it, and got a 502 again
     await shows(page, "#views", "1")  # the value stays shown meanwhile
     await shows(page, "#likes", "0")
     flaky_proxy.up()
@@ -256,7 +248,7 @@ async def test_the_demo_page_reopens_its_stream_after_a_503_and_says_so(browser,
     await shows(page, "#status", "reconnecting…")  # the browser retries by itself first
     await page.wait_for_function(
         "document.getElementById('status').textContent.startsWith('offline, retrying in ')", timeout=15_000)
-    await wait_until(lambda: flaky_proxy.refused >= 2)
+    await wait_until(lambda: flaky_proxy.refused >= 2, timeout=15)
     await shows(page, "[data-id='1'] .value", "1")  # the cards keep their values
     flaky_proxy.up()
     await shows(page, "#status", "live", timeout=15_000)

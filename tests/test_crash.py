@@ -9,7 +9,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from test_livecounter import ZEROS, Server
+from conftest import ZEROS, Server
 
 ROOT = Path(__file__).resolve().parent.parent
 CYCLES = 12

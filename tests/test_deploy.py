@@ -27,7 +27,7 @@ import aiohttp
 import pytest
 
 import livecounter
-from test_livecounter import SSE, Server, data_file, free_port, read_until_value  # noqa: F401 (data_file: a fixture)
+from conftest import SSE, Server, free_port, read_until_value
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from livecounter import create_app
-from test_livecounter import ZEROS, read_frame
+from conftest import ZEROS, read_frame, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -51,13 +51,6 @@ def small_disk(tmp_path):
         subprocess.run(["umount", "-l", str(mount_point)], check=True)
 
 
-async def wait_for(condition, timeout=10):
-    async def poll():
-        while not await condition():
-            await asyncio.sleep(0.05)
-    await asyncio.wait_for(poll(), timeout)  # asyncio.timeout() is Python 3.11+
-
-
 async def test_durable_refuses_increments_while_the_disk_is_full_then_catches_up(aiohttp_client, small_disk):
     data_file = small_disk.path / "counters.json"
     client = await aiohttp_client(create_app(data_file, durable=True))
@@ -79,7 +72,7 @@ async def test_durable_refuses_increments_while_the_disk_is_full_then_catches_up
 
     async def healthy():
         return (await client.get("/healthz")).status == 200
-    await wait_for(healthy)
+    await wait_until(healthy, timeout=10)
     assert await (await client.post("/counters/1/")).text() == "5\n"  # 4 was taken, not acknowledged
     assert json.loads(data_file.read_text())["1"] == 5
 
@@ -94,7 +87,7 @@ async def test_default_mode_keeps_every_increment_through_a_full_disk(aiohttp_cl
 
     async def unhealthy():
         return (await client.get("/healthz")).status == 503
-    await wait_for(unhealthy)
+    await wait_until(unhealthy, timeout=10)
     assert "No space left on device" in await (await client.get("/healthz")).text()
     await asyncio.sleep(1)  # several retries fail meanwhile
     failures = [r for r in caplog.records if r.levelno == logging.ERROR and "saving" in r.message]
@@ -105,7 +98,7 @@ async def test_default_mode_keeps_every_increment_through_a_full_disk(aiohttp_cl
 
     async def healthy():
         return (await client.get("/healthz")).status == 200
-    await wait_for(healthy)
+    await wait_until(healthy, timeout=10)
     assert json.loads(data_file.read_text())["4"] == 10
     assert not (small_disk.path / "counters.json.tmp").exists()
 

@@ -13,7 +13,7 @@ import aiohttp
 import pytest
 
 import livecounter
-from test_livecounter import ZEROS, free_port
+from conftest import ZEROS, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -45,8 +45,7 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, note, settings
 from hypothesis import strategies as st
 
-from conftest import timeout as within
-from test_livecounter import ZEROS, Server
+from conftest import ZEROS, Server, within
 
 TOKEN = "invariants-token"
 POOL = ("1", "2")  # the counters the operations work on: few, so that operations meet

@@ -19,7 +19,7 @@ import aiohttp
 import pytest
 
 from test_browser import browser, open_page, other_origin, readme_snippet, shows, uncaught  # noqa: F401 (fixtures)
-from test_livecounter import Server, data_file, free_port  # noqa: F401 (data_file: a fixture)
+from conftest import Server, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 NGINX = shutil.which("nginx", path=os.environ.get("PATH", "") + ":/usr/sbin")

@@ -20,8 +20,7 @@ import aiohttp
 import jwt
 import pytest
 
-from test_livecounter import (SSE, Server, data_file, frame, free_port, read_frame, read_until_value,  # noqa: F401 (data_file: a fixture)
-                              retry_of, retry_read)
+from conftest import SSE, Server, frame, free_port, open_fds, read_frame, read_until_value, retry_of, retry_read, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 SIG_KEY = "a-sig-key-of-32-bytes-or-more-for-hs256"
@@ -131,17 +130,6 @@ async def setup(tmp_path, data_file):
         pushpin.kill()
 
 
-def open_fds(process) -> int:
-    return len(os.listdir(f"/proc/{process.pid}/fd"))
-
-
-async def wait_until(condition, timeout=10):
-    async def poll():
-        while not await condition():
-            await asyncio.sleep(0.1)
-    await asyncio.wait_for(poll(), timeout)  # asyncio.timeout() is Python 3.11+
-
-
 async def test_listeners_through_pushpin_get_the_first_value_and_every_change(setup):
     origin, pushpin = setup
     async with aiohttp.ClientSession() as session:
@@ -214,7 +202,7 @@ async def test_with_pushpin_down_posts_keep_their_speed_and_listeners_catch_up_a
         async def reports_failure():
             response = await session.get(f"{origin.url}/healthz")
             return response.status == 503 and "publishing to" in await response.text()
-        await wait_until(reports_failure)
+        await wait_until(reports_failure, timeout=10)
 
         await pushpin.start()
 
