@@ -349,12 +349,9 @@ class CounterStore:
         return self._values[counter_id]
 
     def announced_value(self, counter_id: str) -> int | None:
-        """The counter's value as its listeners know it: in durable mode the one on disk (or, for a
-        counter not saved yet, its value); None if it is gone for them."""
-        value = self._announced.get(counter_id)
-        if value is None:
-            value = self._values.get(counter_id, 0 if self._auto_create else None)
-        return value
+        """The counter's value as its listeners know it: in durable mode the one on disk (a counter
+        not saved yet is, for them, as if it didn't exist); None if it doesn't exist for them."""
+        return self._announced.get(counter_id, 0 if self._auto_create else None)
 
     def increment(self, counter_id: str) -> int:
         """Add one and return the new value. Unknown: KeyError, or created at 0 under auto-create
@@ -694,7 +691,11 @@ class ListenerHub:
         try:
             if not await self._sent_by_aiohttp(transport):
                 return  # the client left, or doesn't read its first frames
-            listener.sock = duplicate(transport)
+            try:
+                listener.sock = duplicate(transport)
+            except OSError as error:  # out of descriptors: the stream ends, the client will retry
+                log.warning("a stream ended at its start: %s", error.strerror or error)
+                return
             # From here on nothing yields to the loop until the listener is registered or closed.
             if self._closing:  # shutdown began while aiohttp's bytes went out
                 self._end(listener)
@@ -1170,9 +1171,16 @@ async def stream(request: web.Request, counter_ids: list[str], *, multi: bool) -
     """The counters' current values, then every change, until the client leaves or the server stops."""
     if request.method == "HEAD":
         return web.Response(headers=SSE_HEADERS)
+    # The first frames: what the counters' listeners know now (a change while the headers go out
+    # reaches the stream when the hub registers it, see take_over).
+    store = request.app[STORE]
+    first = {counter_id: store.announced_value(counter_id) for counter_id in counter_ids}
+    for counter_id, value in first.items():
+        if value is None:  # in durable mode, a counter whose creation isn't on disk yet
+            unknown_counter(counter_id)
     signature = request.headers.get("Grip-Sig")
     if signature and request.app[GRIP] and grip_sig_valid(signature, request.app[SETTINGS].grip_key):
-        return held_by_pushpin(request, counter_ids, multi)
+        return held_by_pushpin(request, first, multi)
     transport = request.transport  # aiohttp forgets it when the client leaves: held for take_over
     if transport is None:
         abort(web.HTTPBadRequest, "the client left")  # not even this answer will arrive
@@ -1194,14 +1202,10 @@ async def stream(request: web.Request, counter_ids: list[str], *, multi: bool) -
     # write: held, a stream opens with one send, not two (a tenth of its CPU in a reconnect storm, see
     # bench/README.md). A switch of newer aiohttp (3.14 has it); 3.10 has none and sends them at once.
     response._send_headers_immediately = False
-    store = request.app[STORE]
     try:
         # The stream ends with its connection: a client must not pool it for another request.
         response.force_close()
         await response.prepare(request)  # aiohttp chunks it for HTTP/1.1, as the listener's style says
-        first = {counter_id: store.announced_value(counter_id) for counter_id in counter_ids}
-        if None in first.values():  # deleted while the headers went out
-            return response
         # The headers (held, see above), the retry field and the first frames in one packet (aiohttp
         # does the chunking).
         await response.write(retry_field(settings.reconnect_window)
@@ -1215,19 +1219,17 @@ async def stream(request: web.Request, counter_ids: list[str], *, multi: bool) -
     return response  # aiohttp finds its side of the connection closed, and is done with it
 
 
-def held_by_pushpin(request: web.Request, counter_ids: list[str], multi: bool) -> web.Response:
+def held_by_pushpin(request: web.Request, first: dict[str, int], multi: bool) -> web.Response:
     """The first frames, and the instructions for Pushpin to hold the stream on the counters' channels.
 
     The body goes to this client alone (Pushpin forwards each client's request: tests/test_pushpin.py
     checks that their retry fields differ), so after a Pushpin restart they come back spread too."""
-    store, settings = request.app[STORE], request.app[SETTINGS]
+    settings = request.app[SETTINGS]
     keepalive = max(1, round(settings.keepalive_interval))
     return web.Response(
-        body=retry_field(settings.reconnect_window) + encode_values(
-            {counter_id: store.announced_value(counter_id) for counter_id in counter_ids},
-            stream_style(multi=multi, chunked=False)),
+        body=retry_field(settings.reconnect_window) + encode_values(first, stream_style(multi=multi, chunked=False)),
         headers={**SSE_HEADERS, "Grip-Hold": "stream",
-                 "Grip-Channel": ", ".join(grip_channel(counter_id, multi) for counter_id in counter_ids),
+                 "Grip-Channel": ", ".join(grip_channel(counter_id, multi) for counter_id in first),
                  "Grip-Keep-Alive": f":\\n\\n; format=cstring; timeout={keepalive}"})
 
 
@@ -1303,7 +1305,7 @@ async def set_counter(request: web.Request) -> web.Response:
     body = await read_body(request)
     try:
         value = json.loads(body)["value"]
-    except (ValueError, TypeError, KeyError):
+    except (ValueError, TypeError, KeyError, RecursionError):  # RecursionError: "[" nested a thousand deep
         abort(web.HTTPBadRequest, 'the body must be JSON like {"value": 27}')
     if type(value) is not int or abs(value) > MAX_VALUE:
         abort(web.HTTPBadRequest, f"value must be an integer within ±{MAX_VALUE}")

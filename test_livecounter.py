@@ -13,6 +13,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
 import sys
 
 import aiohttp
@@ -428,6 +429,35 @@ async def test_durable_answers_only_once_the_increment_is_on_disk(make_client, d
     assert (await read_until_value(listener, 203))[-1] == 203
 
 
+@pytest.mark.parametrize("create", ["auto-create", "PUT"])
+async def test_a_durable_stream_starts_from_the_disk_for_a_counter_not_saved_yet(make_client, monkeypatch, create):
+    # A counter made while a save is in flight isn't on disk: its stream must not start from its value
+    # in memory (the save in flight then announces an older one, and the stream goes backwards).
+    gate = threading.Event()
+    write_counters = livecounter.write_counters
+
+    def held_write(path, counters):
+        gate.wait(10)
+        write_counters(path, counters)
+    monkeypatch.setattr(livecounter, "write_counters", held_write)
+    client = await make_client(durable=True, auto_create=create == "auto-create", admin_token="s3cret")
+    first = asyncio.ensure_future(client.post("/counters/new/") if create == "auto-create" else
+                                  client.put("/counters/new/", json={"value": 5}, headers={"Authorization": "Bearer s3cret"}))
+    await asyncio.sleep(0.2)  # its save is in flight, held
+    second = asyncio.ensure_future(client.post("/counters/new/"))
+    await asyncio.sleep(0.2)  # waiting for the next save
+    stream = await client.get("/counters/new/", headers=SSE)
+    if create == "PUT":  # not on disk: no such counter yet, for a stream
+        assert stream.status == 404
+    else:
+        assert await read_frame(stream) == frame(0)
+    gate.set()
+    assert (await first).status == 200 and (await second).status == 200
+    if create == "auto-create":
+        assert await read_until_value(stream, 2) in ([1, 2], [2])
+    stream.close()
+
+
 async def test_auto_create_makes_counters_up_to_the_limit(make_client, data_file):
     client = await make_client(auto_create=True, max_counters=11, save_interval=0.1)
     assert await (await client.get("/counters/new-page/")).text() == "0\n"  # reads as 0, not created
@@ -482,6 +512,13 @@ async def test_an_authorization_that_is_not_utf8_gets_401(make_client):
         assert b"\r\naccess-control-allow-origin: *\r\n" in head + b"\r\n"
         assert b"\r\nwww-authenticate: bearer" in head
     assert await (await client.get("/counters/1/")).text() == "0\n"
+
+
+async def test_a_put_body_nested_too_deep_gets_400(make_client):
+    client = await make_client(admin_token="s3cret")
+    response = await client.put("/counters/2/", data=b"[" * 1000, headers={"Authorization": "Bearer s3cret"})
+    assert response.status == 400
+    assert await response.text() == 'the body must be JSON like {"value": 27}\n'
 
 
 async def test_admin_sets_creates_and_deletes_counters(make_client, data_file):
@@ -1236,6 +1273,33 @@ async def test_a_second_signal_during_the_stop_loses_nothing(data_file, second_s
     assert json.loads(data_file.read_text())["1"] == 5
     assert "already stopping" in server.log.read_text()
     slow.close()
+
+
+async def test_a_stream_that_finds_no_descriptor_left_ends_without_a_traceback(data_file):
+    # Idle connections took every descriptor the process may open: the stream's duplicate can't be made.
+    server = Server(data_file, "--max-listeners", "1000")
+    server.command = [sys.executable, "-c", "import resource, sys, livecounter; "
+                      "resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64)); sys.exit(livecounter.main(sys.argv[1:]))"]
+    await server.start()
+    idle = []
+    try:
+        while open_fds(server.process) < 64 and len(idle) < 200:
+            idle.append(await open_raw(server.port, b""))
+            await asyncio.sleep(0.01)
+        idle.pop().close()
+        await asyncio.sleep(0.3)  # the server sees it go: one descriptor is free, for the stream's socket
+        stream = await open_raw(server.port, sse_request(close=True))
+        await read_for(stream, 3)  # its answer, if any, and its end
+        stream.close()
+    finally:
+        for sock in idle:
+            sock.close()
+    async with aiohttp.ClientSession() as session:
+        await wait_until(lambda: open_fds(server.process) < 30)
+        assert await (await session.get(f"{server.url}/counters/1/")).text() == "0\n"  # it serves on
+        assert await metric(session, server.url, "listeners") == 0
+    assert await server.stop() == 0
+    assert "Traceback" not in server.log.read_text()
 
 
 async def test_a_client_that_leaves_early_is_not_a_failure(data_file):
