@@ -407,9 +407,21 @@ class CounterStore:
             await self.save()
 
     async def close(self) -> None:
-        """The final save on shutdown, for whatever the last interval (or a failed save) left unsaved."""
+        """The final save on shutdown, for whatever the last interval (or a failed save) left unsaved.
+        If it fails too, say what is lost: the counters whose values the file doesn't hold."""
         if self._unsaved.is_set():
             await self.save()
+        if self.save_error is not None:
+            log.error("stopping with %s not saved: %s", self._not_on_disk(), self.save_error)
+
+    def _not_on_disk(self) -> str:
+        try:
+            on_disk = json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            on_disk = {}
+        differ = sum(on_disk.get(counter_id) != value for counter_id, value in self._values.items())
+        differ += sum(counter_id not in self._values for counter_id in on_disk)  # deleted since
+        return f"the values of {differ} counter{'s' * (differ != 1)}"
 
     async def save(self) -> None:
         """Write every value now. A failure is logged once per outage and leaves the values unsaved."""
@@ -1432,9 +1444,12 @@ async def embed_script(request: web.Request) -> web.Response:
 def create_app(data_path: str | os.PathLike[str] = Settings.data_path, **options: object) -> web.Application:
     """The livecounter application, standalone or as a sub-app; options are Settings' fields.
 
-    Raises DataFileError if the data file can't be used.
+    Raises DataFileError if the data file can't be used, ValueError for an empty GRIP key.
     """
     settings = Settings(data_path=Path(data_path), **options)  # type: ignore[arg-type]
+    if settings.grip_key == "":  # a key nobody can sign with: every proxied stream would fail
+        raise ValueError("the GRIP key (--grip-key, LIVECOUNTER_GRIP_KEY) is empty: give Pushpin's sig_key, "
+                         "or leave it unset")
     app = web.Application()
     app[SETTINGS] = settings
     app[HUB] = hub = ListenerHub(
@@ -1808,7 +1823,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         app = create_app(**{field.name: getattr(args, field.name) for field in dataclasses.fields(Settings)
                             if field.metadata}, admin_token=os.environ.get("LIVECOUNTER_ADMIN_TOKEN") or None)
-    except DataFileError as error:
+    except (DataFileError, ValueError) as error:
         print(f"livecounter: {error}", file=sys.stderr)
         return 2
     access_log = None if args.no_access_log else logging.getLogger("aiohttp.access")
@@ -1861,7 +1876,7 @@ async def serve(app: web.Application, host: str, port: int, access_log: logging.
     await stopping.wait()
     await stop_accepting(runner)
     await runner.cleanup()
-    return 0
+    return 0 if app[STORE].save_error is None else 1  # the final save failed: systemd and the operator see it
 
 
 ARRIVAL_GRACE = 0.1  # seconds for the requests of connections just accepted to arrive, when stopping

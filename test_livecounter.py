@@ -7,6 +7,7 @@ about start-up, shutdown, restarts and crashes run `python livecounter.py` as a 
 import asyncio
 import dataclasses
 import json
+import os
 import random
 import re
 import shutil
@@ -1070,6 +1071,22 @@ async def test_version_is_shown():
     stdout, _ = await process.communicate()
     assert stdout.decode() == f"livecounter {livecounter.__version__}\n"
     assert re.fullmatch(r"\d+\.\d+\.\d+", livecounter.__version__)
+
+
+@pytest.mark.parametrize("given", [["--grip-key", ""], []])
+async def test_an_empty_grip_key_is_refused_at_start_with_one_line(data_file, given):
+    env = {**os.environ, "LIVECOUNTER_GRIP_KEY": ""} if not given else None
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, str(HERE / "livecounter.py"), "--data", str(data_file), "--port", str(free_port()),
+        "--grip-url", "http://127.0.0.1:9/", *given, env=env, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE)
+    stdout, stderr = await asyncio.wait_for(process.communicate(), 10)
+    assert process.returncode == 2
+    assert stderr.decode().splitlines() == [
+        "livecounter: the GRIP key (--grip-key, LIVECOUNTER_GRIP_KEY) is empty: give Pushpin's sig_key, "
+        "or leave it unset"]
+    with pytest.raises(ValueError):
+        create_app(data_file, grip_key="")
 
 
 async def test_a_taken_port_is_one_clear_line(data_file):

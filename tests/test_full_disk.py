@@ -10,10 +10,11 @@ import os
 import subprocess
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 from livecounter import create_app
-from conftest import ZEROS, read_frame, wait_until
+from conftest import ZEROS, Server, read_frame, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -128,3 +129,21 @@ async def test_durable_announces_refused_changes_once_a_save_holds_them(aiohttp_
     expected = {**ZEROS, "1": 1, "2": 7}
     del expected["3"]
     assert json.loads((small_disk.path / "counters.json").read_text()) == expected
+
+
+async def test_a_stop_whose_final_save_fails_says_what_is_lost_and_exits_non_zero(small_disk, tmp_path):
+    # A read-only file system under the data file: the POST is answered (write-behind), and the stop
+    # can't save it. The operator and systemd must see that.
+    data_file = small_disk.path / "counters.json"
+    server = Server(data_file, "--save-interval", "60")
+    server.log = tmp_path / "server.log"  # not on the disk that goes read-only
+    await server.start()
+    subprocess.run(["mount", "-o", "remount,ro", str(small_disk.path)], check=True)
+    async with aiohttp.ClientSession() as session:
+        for counter in ("1", "2", "2"):
+            assert (await session.post(f"{server.url}/counters/{counter}/")).status == 200
+    assert await server.stop() == 1
+    log = server.log.read_text()
+    assert "stopping with the values of 2 counters not saved" in log
+    assert "Read-only file system" in log
+    assert json.loads(data_file.read_text()) == ZEROS
