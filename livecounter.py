@@ -903,7 +903,9 @@ class GripPublisher:
             await asyncio.gather(*(self._publish_to(session, target) for target in self._targets))
 
     async def _publish_to(self, session: aiohttp.ClientSession, target: PushpinTarget) -> None:
-        """One request in flight per Pushpin; what changes meanwhile goes in the next, latest only."""
+        """One request in flight per Pushpin; what changes meanwhile goes in the next, latest only.
+        Whatever goes wrong with one Pushpin is its own outage: logged once, retried, and the other
+        Pushpins' loops go on (an exception escaping here would end them all with the session)."""
         while True:
             await target.wakeup.wait()
             target.wakeup.clear()
@@ -911,14 +913,12 @@ class GripPublisher:
             for counter_id in batch:
                 del target.unpublished[counter_id]
             try:
-                async with session.post(target.publish_url, json={"items": publish_items(batch)}) as response:
-                    if response.status != 200:
-                        raise aiohttp.ClientError(f"{response.status} {(await response.text()).strip()[:200]}")
-            except (aiohttp.ClientError, asyncio.TimeoutError) as error:  # 3.10: not the builtin TimeoutError
+                await send_publish(session, target.publish_url, batch)
+            except Exception as error:  # noqa: BLE001 - a misbehaving Pushpin must not stop publishing
                 for counter_id, value in batch.items():
                     target.unpublished.setdefault(counter_id, value)  # unless superseded meanwhile
                 self.failures += 1
-                target.publishing.failed(str(error) or type(error).__name__)  # a timeout's message is empty
+                target.publishing.failed(failure_reason(error))
                 await asyncio.sleep(target.publishing.retry_delay)
                 target.wakeup.set()
                 continue
@@ -926,6 +926,21 @@ class GripPublisher:
             target.publishing.succeeded()
             if target.unpublished:
                 target.wakeup.set()
+
+
+async def send_publish(session: aiohttp.ClientSession, url: str, batch: dict[str, int | None]) -> None:
+    """One publish request; ClientError with Pushpin's status and answer (any bytes) unless it is 200."""
+    async with session.post(url, json={"items": publish_items(batch)}) as response:
+        if response.status != 200:
+            answer = (await response.read()).decode("utf-8", "replace").strip()[:200]
+            raise aiohttp.ClientError(f"{response.status} {answer}")
+
+
+def failure_reason(error: Exception) -> str:
+    """One line for the log and /healthz; a timeout's message is empty, an unexpected error names its type."""
+    if isinstance(error, (aiohttp.ClientError, asyncio.TimeoutError)):  # 3.10: not the builtin TimeoutError
+        return str(error) or type(error).__name__
+    return f"{type(error).__name__}: {error}"
 
 
 def publish_items(batch: dict[str, int | None]) -> list[dict[str, object]]:
