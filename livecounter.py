@@ -1539,11 +1539,11 @@ async def end_streams(app: web.Application) -> None:
 # wait ±25% so that the pages one restart cut off don't all come back in the same second.
 LIVE_SOURCE = """/* An EventSource on url that is reopened whenever it closes for good. listen(source) adds the
    handlers to each one; state(name, seconds) hears "live", "reconnecting" (the browser retries)
-   and "offline" (closed for good: a new one in `seconds`). */
+   and "offline" (closed for good: a new one in `seconds`). Returns a function that ends it. */
 function liveSource(url, listen, state) {
-  var delay = 1;
+  var delay = 1, source, timer;
   (function open() {
-    var source = new EventSource(url);
+    source = new EventSource(url);
     listen(source);
     source.onopen = function () { delay = 1; state("live"); };
     source.onerror = function () {
@@ -1551,9 +1551,10 @@ function liveSource(url, listen, state) {
       var wait = delay * (0.75 + Math.random() / 2);
       delay = Math.min(2 * delay, 30);
       state("offline", Math.round(wait));
-      setTimeout(open, wait * 1000);
+      timer = setTimeout(open, wait * 1000);
     };
   })();
+  return function end() { clearTimeout(timer); source.close(); };
 }
 """
 
@@ -1585,7 +1586,6 @@ DEMO_PAGE = """<!doctype html>
   button { align-self: flex-start; border: 1px solid var(--accent); color: var(--accent); background: #fff;
            border-radius: 8px; padding: 4px 14px; font: inherit; font-weight: 600; cursor: pointer; }
   button:hover { background: var(--accent); color: #fff; }
-  .empty { color: var(--muted); }
   footer { margin-top: 32px; color: var(--muted); font-size: 14px; }
   code { background: var(--line); padding: 1px 5px; border-radius: 4px; font-size: 13px; }
 </style>
@@ -1593,18 +1593,22 @@ DEMO_PAGE = """<!doctype html>
 <body>
 <main>
   <h1>livecounter <span id="status" class="status">connecting</span></h1>
-  <p class="lead">Every counter, live. This page counted its own view on counter <code>1</code>.</p>
+  <p class="lead"><span id="summary">Listing the counters…</span> <span id="counted"></span></p>
   <div id="counters"></div>
   <footer><code>POST counters/{id}/</code> increments; <code>GET counters/{id}/</code> with
     <code>Accept: text/event-stream</code> watches. Add a live number to any page with
-    <code>embed.js</code>.</footer>
+    <code>embed.js</code>. This page lists the counters again every 30 s.</footer>
 </main>
 <script>
 "use strict";
 """ + LIVE_SOURCE + """
+const SHOWN = 100;  // one stream carries at most 100 counters
+const RELIST = 30;  // seconds: how soon counters created (or deleted) elsewhere show here
 const grid = document.getElementById("counters");
 const status = document.getElementById("status");
-const cards = new Map();
+const summary = document.getElementById("summary");
+const cards = new Map();  // id -> {element, number}; Maps, so that an id like "constructor" is just an id
+let watched = null, end = null;  // the ids of the cards' stream (joined), and what ends it
 let counted = false;
 
 function card(id, value) {
@@ -1635,31 +1639,66 @@ function show(id, value) {
   setTimeout(() => shown.element.classList.remove("changed"), 50);
 }
 
-fetch("counters/", {headers: {Accept: "application/json"}})
-  .then((response) => response.json())
-  .then((counters) => {
-    const ids = Object.keys(counters).slice(0, 100);
-    if (!ids.length) {
-      grid.innerHTML = '<p class="empty">No counters yet.</p>';
-      status.textContent = "idle";
-      return;
-    }
-    ids.forEach((id) => card(id, counters[id]));
-    liveSource("counters/?ids=" + ids.map(encodeURIComponent).join(","), (source) => {
-      source.addEventListener("counter", (event) => {
-        const {id, value} = JSON.parse(event.data);
-        show(id, value);  // a new stream starts with every value: the cards keep theirs until then
-        if (id === "1" && !counted) {  // the page-view snippet: first value, then one POST, once
-          counted = true;
-          fetch("counters/1/", {method: "POST"});
+function count() {  // the page-view snippet, on counter 1 if it exists: after its first value, once
+  counted = true;
+  fetch("counters/1/", {method: "POST"}).then((response) => {
+    if (response.ok) document.getElementById("counted").textContent = "This page counted its own view on counter 1.";
+  }, () => {});
+}
+
+function watch(ids) {  // one stream for the cards shown, replacing the last one
+  if (end) end();
+  end = null;
+  watched = ids.join(",");
+  if (!ids.length) {
+    status.textContent = "idle";
+    status.className = "status";
+    return;
+  }
+  end = liveSource("counters/?ids=" + ids.map(encodeURIComponent).join(","), (source) => {
+    source.addEventListener("counter", (event) => {
+      const {id, value} = JSON.parse(event.data);
+      show(id, value);  // a new stream starts with every value: the cards keep theirs until then
+      if (id === "1" && !counted) count();
+    });
+  }, (state, seconds) => {
+    status.textContent = state === "offline" ? "offline, retrying in " + seconds + " s"
+      : state === "reconnecting" ? "reconnecting…" : "live";
+    status.className = "status " + state;
+  });
+}
+
+function describe(total) {
+  if (!total) return "No counters yet.";
+  const counters = total === 1 ? "1 counter" : total + " counters";
+  return cards.size < total ? `${counters}, ${cards.size} of them shown (a stream takes at most ${SHOWN}).`
+    : `${counters}.`;
+}
+
+function relist() {  // the cards that still exist stay; new counters fill the places up to SHOWN
+  fetch("counters/", {headers: {Accept: "application/json"}})
+    .then((response) => {
+      if (!response.ok) throw new Error(response.status);
+      return response.json();
+    })
+    .then((counters) => {
+      const listed = new Map(Object.entries(counters));
+      cards.forEach((shown, id) => {
+        if (!listed.has(id)) {
+          shown.element.remove();
+          cards.delete(id);
         }
       });
-    }, (state, seconds) => {
-      status.textContent = state === "offline" ? "offline, retrying in " + seconds + " s"
-        : state === "reconnecting" ? "reconnecting…" : "live";
-      status.className = "status " + state;
-    });
-  });
+      listed.forEach((value, id) => { if (cards.size < SHOWN && !cards.has(id)) card(id, value); });
+      summary.textContent = describe(listed.size);
+      const ids = [...cards.keys()];
+      if (ids.join(",") !== watched) watch(ids);
+    })
+    .catch(() => {})  // unreachable for now: the cards stay, and the next listing tries again
+    .finally(() => setTimeout(relist, RELIST * 1000));
+}
+
+relist();
 </script>
 </body>
 </html>
@@ -1667,22 +1706,29 @@ fetch("counters/", {headers: {Accept: "application/json"}})
 
 EMBED_SCRIPT = """/* livecounter embed: <span data-livecounter="2"></span> becomes counter 2's live value;
    data-livecounter-count on it also counts this page view once. One stream for all counters.
-   While a stream is down, its elements keep their value and say data-livecounter-state="reconnecting"
-   or "offline" (then "live"), for the page's CSS. */
+   Its elements say data-livecounter-state="connecting", then "live"; while a stream is down they
+   keep their value and say "reconnecting" or "offline", for the page's CSS. A classic or a module
+   script; included twice, the second copy finds every element taken (it has a state) and leaves it. */
 (function () {
   "use strict";
 """ + LIVE_SOURCE + """
-  var base = new URL("counters/", document.currentScript.src).href;
+  // Where it is served from: a module script has no currentScript, so then the <script> of .../embed.js
+  var script = document.currentScript || [].filter.call(document.querySelectorAll("script[src]"), function (s) {
+    return /\\/embed\\.js([?#]|$)/.test(s.src);
+  })[0];
+  if (!script) throw new Error('livecounter: include it as <script src=".../embed.js">');
+  var base = new URL("counters/", script.src).href;
   var VALID = /^(?!\\.+$)[A-Za-z0-9._-]{1,64}$/;  // the server's rule: not only dots
 
   function start() {
-    var elements = document.querySelectorAll("[data-livecounter]");
-    var ids = [], toCount = {}, counted = {};
+    var elements = [].filter.call(document.querySelectorAll("[data-livecounter]:not([data-livecounter-state])"),
+      function (element) { return VALID.test(element.getAttribute("data-livecounter")); });
+    var ids = [], uncounted = Object.create(null);  // no prototype: "constructor" is an id like any other
     elements.forEach(function (element) {
       var id = element.getAttribute("data-livecounter");
-      if (!VALID.test(id)) return;
+      element.setAttribute("data-livecounter-state", "connecting");  // taken
       if (ids.indexOf(id) < 0) ids.push(id);
-      if (element.hasAttribute("data-livecounter-count")) toCount[id] = true;
+      if (element.hasAttribute("data-livecounter-count")) uncounted[id] = true;
     });
     for (var i = 0; i < ids.length; i += 100) watch(ids.slice(i, i + 100));  // at most 100 a stream
 
@@ -1703,8 +1749,8 @@ EMBED_SCRIPT = """/* livecounter embed: <span data-livecounter="2"></span> becom
       elements.forEach(function (element) {
         if (element.getAttribute("data-livecounter") === counter.id) element.textContent = counter.value;
       });
-      if (toCount[counter.id] && !counted[counter.id]) {  // after the first value, as the snippet does:
-        counted[counter.id] = true;                        // once, however often the stream reopens
+      if (uncounted[counter.id]) {  // after the first value, as the snippet does:
+        delete uncounted[counter.id];  // once, however often the stream reopens
         fetch(base + counter.id + "/", {method: "POST"});
       }
     }

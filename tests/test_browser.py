@@ -5,6 +5,7 @@ Needs Debian's chromium (`apt-get install chromium`; `.ci/run` installs it). Wit
 skipped on a developer's machine and fail under CI=true.
 """
 
+import asyncio
 import json
 import os
 import re
@@ -18,7 +19,7 @@ from PIL import Image
 from playwright.async_api import async_playwright
 
 from livecounter import create_app
-from conftest import ZEROS, wait_until
+from conftest import ZEROS, metric, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = "/usr/bin/chromium"
@@ -40,14 +41,18 @@ async def browser():
 
 
 @pytest.fixture
-async def counter_server(aiohttp_server, tmp_path):
-    (tmp_path / "counters.json").write_text(json.dumps(ZEROS))
-    return await aiohttp_server(create_app(tmp_path / "counters.json"), host="127.0.0.1")
+def start_counter_server(aiohttp_server, tmp_path):
+    """start(counters, **options): a counter server on a data file of those counters; its URL."""
+    async def start(counters=ZEROS, **options):
+        (tmp_path / "counters.json").write_text(json.dumps(counters))
+        server = await aiohttp_server(create_app(tmp_path / "counters.json", **options), host="127.0.0.1")
+        return f"http://127.0.0.1:{server.port}/"
+    return start
 
 
 @pytest.fixture
-def counter_url(counter_server):
-    return f"http://127.0.0.1:{counter_server.port}/"
+async def counter_url(start_counter_server):
+    return await start_counter_server()
 
 
 @pytest.fixture
@@ -69,10 +74,13 @@ def other_origin(aiohttp_server):
     return serve
 
 
-async def open_page(browser, url, errors):
+async def open_page(browser, url, errors, *, fake_clock=False):
+    """A new page of url; with fake_clock the test moves the page's timers on (page.clock)."""
     page = await browser.new_page()
     page.on("console", lambda message: message.type == "error" and errors.append(message.text))
     page.on("pageerror", lambda error: errors.append(str(error)))
+    if fake_clock:
+        await page.clock.install()
     await page.goto(url)
     return page
 
@@ -87,6 +95,16 @@ async def shows(page, selector, text, timeout=10_000):
 async def value_of(counter_url, counter_id):
     async with aiohttp.ClientSession() as session:
         return int(await (await session.get(f"{counter_url}counters/{counter_id}/")).text())
+
+
+async def counters_of(counter_url):
+    async with aiohttp.ClientSession() as session:
+        return await (await session.get(f"{counter_url}counters/")).json()
+
+
+async def listeners_of(counter_url):
+    async with aiohttp.ClientSession() as session:
+        return await metric(session, counter_url.rstrip("/"), "listeners")
 
 
 def readme_snippet() -> str:
@@ -149,6 +167,102 @@ async def test_embed_js_shows_and_counts_on_another_origin(browser, counter_url,
     assert "livecounter_listeners 1\n" in metrics  # one stream for all of the page's counters
     assert await value_of(counter_url, 2) == 1
     assert errors == []
+
+
+@pytest.mark.parametrize("scripts", [["classic"], ["module"], ["classic", "classic"], ["module", "classic"]],
+                         ids=" and ".join)
+async def test_embed_js_as_a_module_or_included_twice_streams_once_and_counts_once(
+        browser, counter_url, other_origin, scripts):
+    tags = {"classic": f'<script src="{counter_url}embed.js"></script>',
+            "module": f'<script type="module" src="{counter_url}embed.js"></script>'}
+    blog = await other_origin(f"""<!doctype html><title>blog</title><body>
+        <p>views: <span id="views" data-livecounter="2" data-livecounter-count>…</span></p>
+        <p>likes: <span id="likes" data-livecounter="3">…</span></p>
+        {"".join(tags[script] for script in scripts)}</body>""")
+    errors = []
+    page = await open_page(browser, blog, errors)
+    await shows(page, "#views", "1")
+    await page.wait_for_function("document.getElementById('likes').dataset.livecounterState === 'live'",
+                                 timeout=10_000)
+    async with aiohttp.ClientSession() as session:
+        await session.post(f"{counter_url}counters/3/")
+    await shows(page, "#likes", "1")
+    await asyncio.sleep(0.5)  # a second stream or POST, had a second copy made them, is in by now
+    assert await listeners_of(counter_url) == 1
+    assert await value_of(counter_url, 2) == 1
+    await shows(page, "#views", "1")
+    assert uncaught(errors) == []
+
+
+OBJECT_MEMBERS = ["constructor", "__proto__", "toString", "hasOwnProperty", "valueOf"]
+
+
+async def test_ids_named_like_object_members_are_counted_and_shown(browser, start_counter_server, other_origin):
+    counter_url = await start_counter_server(dict.fromkeys(OBJECT_MEMBERS, 0))
+    spans = "".join(f'<p>{name}: <span data-livecounter="{name}" data-livecounter-count>…</span></p>'
+                    for name in OBJECT_MEMBERS)
+    blog = await other_origin(f"""<!doctype html><title>blog</title><body>{spans}
+        <script src="{counter_url}embed.js"></script></body>""")
+    errors = []
+    page = await open_page(browser, blog, errors)
+    for name in OBJECT_MEMBERS:
+        await shows(page, f"[data-livecounter='{name}']", "1")  # counted once, each
+    demo = await open_page(browser, counter_url, errors)
+    for name in OBJECT_MEMBERS:
+        await shows(demo, f"[data-id='{name}'] .value", "1")
+    await demo.click("[data-id='__proto__'] button")
+    await shows(page, "[data-livecounter='__proto__']", "2")
+    await shows(demo, "[data-id='__proto__'] .value", "2")
+    await shows(demo, "#summary", "5 counters.")
+    assert await counters_of(counter_url) == {**dict.fromkeys(OBJECT_MEMBERS, 1), "__proto__": 2}
+    assert uncaught(errors) == []
+
+
+async def test_the_demo_page_with_no_counters_says_so_and_counts_nothing(browser, start_counter_server):
+    counter_url = await start_counter_server({}, auto_create=True)  # a POST to counter 1 would make it
+    errors = []
+    page = await open_page(browser, counter_url, errors)
+    await shows(page, "#status", "idle")
+    await asyncio.sleep(0.5)
+    assert "counted" not in await page.inner_text("main")
+    assert await counters_of(counter_url) == {}
+    await shows(page, "#summary", "No counters yet.")
+    assert uncaught(errors) == []
+
+
+async def test_the_demo_page_says_how_many_counters_it_shows(browser, start_counter_server):
+    counter_url = await start_counter_server({str(i): 0 for i in range(1, 151)})
+    errors = []
+    page = await open_page(browser, counter_url, errors)
+    await shows(page, "#summary", "150 counters, 100 of them shown (a stream takes at most 100).")
+    await shows(page, "[data-id='1'] .value", "1")
+    await shows(page, "#counted", "This page counted its own view on counter 1.")
+    await shows(page, "#status", "live")
+    assert await page.locator(".counter").count() == 100
+    assert await counters_of(counter_url) == {"1": 1, **{str(i): 0 for i in range(2, 151)}}
+    assert uncaught(errors) == []
+
+
+async def test_the_demo_page_shows_a_counter_created_while_it_is_open(browser, start_counter_server):
+    counter_url = await start_counter_server(ZEROS, admin_token="secret")
+    errors = []
+    page = await open_page(browser, counter_url, errors, fake_clock=True)
+    await shows(page, "#status", "live")
+    async with aiohttp.ClientSession() as session:
+        response = await session.put(f"{counter_url}counters/new/", json={"value": 7},
+                                     headers={"Authorization": "Bearer secret"})
+        assert response.status == 200
+        await page.clock.fast_forward("00:31")  # past the next listing of the counters (every 30 s)
+        await shows(page, "[data-id='new'] .value", "7")
+        await shows(page, "#summary", "10 counters.")
+        await shows(page, "#status", "live")
+        await session.post(f"{counter_url}counters/new/")
+        await shows(page, "[data-id='new'] .value", "8")  # the page's new stream has it
+
+    async def one_stream():  # the new one in place of the old
+        return await listeners_of(counter_url) == 1
+    await wait_until(one_stream, message="the old stream is still open")
+    assert uncaught(errors) == []
 
 
 # --- outages: a stream answered 502 or 503 for a while --------------------------------------------
