@@ -45,7 +45,7 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, note, settings
 from hypothesis import strategies as st
 
-from conftest import ZEROS, Server, within
+from conftest import ZEROS, Server, wait_until, within
 
 TOKEN = "invariants-token"
 POOL = ("1", "2")  # the counters the operations work on: few, so that operations meet
@@ -757,15 +757,10 @@ class Example:
                                  + "; ".join(map(str, self.held)))
 
 
-async def eventually(predicate, timeout=EVENTUALLY, interval=0.02) -> bool:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        result = predicate()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return True
-        if loop.time() > deadline:
-            return False
-        await asyncio.sleep(interval)
+async def eventually(predicate, timeout=EVENTUALLY) -> bool:
+    """Whether predicate() comes true within timeout; the caller says what went wrong."""
+    try:
+        await wait_until(predicate, timeout)
+    except AssertionError:
+        return False
+    return True
