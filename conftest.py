@@ -153,7 +153,9 @@ def free_port():
 
 
 class Server:
-    """`python livecounter.py` in a process of its own."""
+    """`python livecounter.py` in a process of its own; one a test leaves running is killed after it."""
+
+    started: list = []  # the processes of the test that runs now
 
     def __init__(self, data_file, *args, env=None):
         self.port = free_port()
@@ -169,6 +171,7 @@ class Server:
             self.process = await asyncio.create_subprocess_exec(
                 *self.command, *self.args, env=self.env,
                 stdout=asyncio.subprocess.PIPE, stderr=log)
+        Server.started.append(self.process)
         line = await asyncio.wait_for(self.process.stdout.readline(), 10)
         assert f"serving {self.url}/ " in line.decode(), line
         return self
@@ -177,6 +180,19 @@ class Server:
         self.process.send_signal(sig)
         await asyncio.wait_for(self.process.communicate(), timeout)
         return self.process.returncode
+
+
+@pytest.fixture(autouse=True)
+def no_server_outlives_its_test():
+    """A test that fails before it stops its server must not leave the process running."""
+    yield
+    for process in Server.started:
+        if process.returncode is None:
+            try:
+                process.kill()
+            except ProcessLookupError:
+                pass
+    Server.started.clear()
 
 
 def sse_request(path="/counters/2/", version="1.1", close=False):
