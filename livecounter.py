@@ -575,13 +575,13 @@ class Listener:
             sent = self.sock.send(data)
         except BlockingIOError:
             sent = 0
-        except OSError:  # the client is gone: its socket is readable now, and readable() drops it
+        except OSError:  # the client is gone: its socket is readable now, and on_readable() drops it
             return
         if sent < len(data):
             self.unsent = data[sent:]
             self.hub.fell_behind(self)
 
-    def readable(self) -> None:
+    def on_readable(self) -> None:
         """The client of a stream has nothing more to say: what it sends is dropped; EOF means it left."""
         try:
             if self.sock.recv(4096):
@@ -592,7 +592,7 @@ class Listener:
             pass
         self.hub.disconnect(self)
 
-    def writable(self) -> None:
+    def on_writable(self) -> None:
         """The socket drained: the rest of the last write, then the latest values."""
         try:
             sent = self.sock.send(self.unsent)
@@ -742,7 +742,7 @@ class ListenerHub:
             # every listener of the channel, this one included; only one already made can't.
             if channel.value != first_value and channel.value == channel.sent:
                 catch_up[counter_id] = channel.value
-        asyncio.get_running_loop().add_reader(listener.sock.fileno(), listener.readable)
+        asyncio.get_running_loop().add_reader(listener.sock.fileno(), listener.on_readable)
         if catch_up:
             listener.write(encode_values(catch_up, listener.style))
         return True
@@ -768,7 +768,7 @@ class ListenerHub:
         """The kernel took only part of a write: wait for the socket to drain, skipping values."""
         listener.behind_since = time.monotonic()
         self._behind.add(listener)
-        asyncio.get_running_loop().add_writer(listener.sock.fileno(), listener.writable)
+        asyncio.get_running_loop().add_writer(listener.sock.fileno(), listener.on_writable)
 
     def caught_up(self, listener: Listener) -> None:
         """It drained: send the latest value of each of its counters."""
@@ -1132,26 +1132,25 @@ async def read_body(request: web.Request) -> bytes:
     if not request.body_exists:
         return b""
     if (request.content_length or 0) > MAX_BODY_BYTES:
-        raise body_too_large()
+        body_too_large()
 
     async def read() -> bytes:
         body = b""
         while received := await request.content.read(MAX_BODY_BYTES + 1):
             body += received
             if len(body) > MAX_BODY_BYTES:
-                raise body_too_large()
+                body_too_large()
         return body
     try:  # asyncio.wait_for: asyncio.timeout() is Python 3.11+
         return await asyncio.wait_for(read(), BODY_TIMEOUT)
     except asyncio.TimeoutError:  # the builtin TimeoutError from 3.11 on, but a class of its own on 3.10
-        raise web.HTTPRequestTimeout(text=f"the request body did not arrive within {BODY_TIMEOUT} s\n",
-                                     headers={"Connection": "close"}) from None
+        abort(web.HTTPRequestTimeout, f"the request body did not arrive within {BODY_TIMEOUT} s",
+              headers={"Connection": "close"})
 
 
-def body_too_large() -> web.HTTPException:
-    return web.HTTPRequestEntityTooLarge(
-        max_size=MAX_BODY_BYTES, actual_size=MAX_BODY_BYTES + 1,
-        text=f"request body too large: at most {MAX_BODY_BYTES} bytes (an increment needs none)\n")
+def body_too_large() -> NoReturn:
+    abort(web.HTTPRequestEntityTooLarge, f"request body too large: at most {MAX_BODY_BYTES} bytes (an increment "
+          "needs none)", max_size=MAX_BODY_BYTES, actual_size=MAX_BODY_BYTES + 1)
 
 
 # Every answer carries the allowed origin (CORS); paths and methods the API doesn't have get theirs.
