@@ -384,6 +384,15 @@ class CounterStore:
     def snapshot(self) -> dict[str, int]:
         return dict(self._values)
 
+    def ids(self) -> list[str]:
+        """Every counter's id, in the order they were made (the data file's order, then creation)."""
+        return list(self._values)
+
+    def values_of(self, counter_ids: Sequence[str]) -> dict[str, int]:
+        """The values of those of counter_ids that exist."""
+        values = self._values
+        return {counter_id: values[counter_id] for counter_id in counter_ids if counter_id in values}
+
     async def persisted(self, counter_id: str) -> None:
         """Durable mode: return once every change made before this call (counter_id's just now) is
         on disk, and announced. Raises SaveFailed with the reason if the save that would have
@@ -1363,12 +1372,71 @@ async def delete_counter(request: web.Request) -> web.Response:
 
 
 MAX_STREAM_IDS = 100
+MAX_PAGE = 1000  # counters in a page of the listing (?limit=)
+LISTING_SLICE = 10_000  # counters encoded per write of a listing: a few ms of the loop at a time
+LISTING_HEADERS = {"Cache-Control": "no-cache", "Access-Control-Expose-Headers": "X-Total-Count, Link"}
 
 
 async def list_counters(request: web.Request) -> web.StreamResponse:
-    """Every counter as JSON; with Accept: text/event-stream, a stream of the counters in ?ids=."""
-    if preferred_format(request) != "text/event-stream":
-        return web.json_response(request.app[STORE].snapshot(), headers={"Cache-Control": "no-cache"})
+    """Every counter as one JSON object, or a page of them (?limit=N&after=ID); with Accept:
+    text/event-stream, a stream of the counters in ?ids=."""
+    if preferred_format(request) == "text/event-stream":
+        return await stream_counters(request)
+    store = request.app[STORE]
+    # The ids now, in order (a copy: what is made or deleted while the listing goes out can't disturb it).
+    counter_ids = store.ids()
+    headers = {**LISTING_HEADERS, "X-Total-Count": str(len(counter_ids))}
+    if "limit" in request.query or "after" in request.query:
+        counter_ids = page_of(request, counter_ids, headers)
+    if request.method == "HEAD":
+        return web.Response(content_type="application/json", headers=headers)
+    if len(counter_ids) <= LISTING_SLICE:
+        return web.json_response(store.values_of(counter_ids), headers=headers)
+    return await listing_in_slices(request, counter_ids, headers)
+
+
+def page_of(request: web.Request, counter_ids: list[str], headers: dict[str, str]) -> list[str]:
+    """The ids of the page ?limit=N&after=ID asks for: the N after ID in the listing's order (from
+    the first without after=). A Link header names the next page, if there is one."""
+    limit_text = request.query.get("limit", str(MAX_PAGE))
+    if not (limit_text.isdigit() and 1 <= int(limit_text) <= MAX_PAGE):
+        abort(web.HTTPBadRequest, f"limit must be a number from 1 to {MAX_PAGE}")
+    limit, start = int(limit_text), 0
+    if (after := request.query.get("after")) is not None:
+        try:
+            start = counter_ids.index(after) + 1
+        except ValueError:
+            abort(web.HTTPBadRequest, f"after={after!r} names no counter (deleted since?): list from the start")
+    page = counter_ids[start:start + limit]
+    if start + limit < len(counter_ids):
+        headers["Link"] = f'<?limit={limit}&after={page[-1]}>; rel="next"'
+    return page
+
+
+async def listing_in_slices(request: web.Request, counter_ids: list[str], headers: dict[str, str]) -> web.StreamResponse:
+    """A listing too large to encode at once goes out in slices, with the loop free between them:
+    encoded in one go, a million counters would stall every other request for most of a second.
+    Each slice has the values of its time; a counter deleted before its slice is left out."""
+    store = request.app[STORE]
+    response = web.StreamResponse(headers={**headers, "Content-Type": "application/json; charset=utf-8",
+                                           ALLOW_ORIGIN: request.app[SETTINGS].cors_origin})
+    opening = b"{"
+    try:
+        await response.prepare(request)
+        for start in range(0, len(counter_ids), LISTING_SLICE):
+            if values := store.values_of(counter_ids[start:start + LISTING_SLICE]):
+                await response.write(opening + json.dumps(values)[1:-1].encode())
+                opening = b", "
+            await asyncio.sleep(0)  # a write that the kernel takes at once doesn't yield
+        await response.write(b"{}" if opening == b"{" else b"}")
+        await response.write_eof()
+    except ConnectionError:
+        pass  # the client left: not a failure
+    return response
+
+
+async def stream_counters(request: web.Request) -> web.StreamResponse:
+    """One stream for the counters in ?ids=: a counter event for each at the start and per change."""
     counter_ids = list(dict.fromkeys(request.query.get("ids", "").split(",")))  # once each, in order
     if counter_ids == [""]:
         abort(web.HTTPBadRequest, "name the counters to stream: ?ids=1,2,3")
@@ -1675,9 +1743,12 @@ function describe(total) {
 }
 
 function relist() {  // the cards that still exist stay; new counters fill the places up to SHOWN
-  fetch("counters/", {headers: {Accept: "application/json"}})
+  let total = 0;
+  // The first SHOWN in the listing's order, and how many there are: not a listing of every counter.
+  fetch("counters/?limit=" + SHOWN, {headers: {Accept: "application/json"}})
     .then((response) => {
       if (!response.ok) throw new Error(response.status);
+      total = Number(response.headers.get("X-Total-Count"));
       return response.json();
     })
     .then((counters) => {
@@ -1689,7 +1760,7 @@ function relist() {  // the cards that still exist stay; new counters fill the p
         }
       });
       listed.forEach((value, id) => { if (cards.size < SHOWN && !cards.has(id)) card(id, value); });
-      summary.textContent = describe(listed.size);
+      summary.textContent = describe(total);
       const ids = [...cards.keys()];
       if (ids.join(",") !== watched) watch(ids);
     })

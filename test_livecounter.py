@@ -108,6 +108,70 @@ async def test_list_of_all_counters(client):
     assert await (await client.get("/counters")).json() == await response.json()
 
 
+async def test_the_listing_in_pages_says_the_total_and_links_the_next(make_client, tmp_path):
+    counters = {f"c{i}": i for i in range(25)}
+    (tmp_path / "many.json").write_text(json.dumps(counters))
+    client = await make_client(data_path=tmp_path / "many.json")
+    response = await client.get("/counters/?limit=10")
+    assert await response.json() == {f"c{i}": i for i in range(10)}
+    assert response.headers["X-Total-Count"] == "25"
+    assert response.headers["Link"] == '<?limit=10&after=c9>; rel="next"'
+    assert "X-Total-Count" in response.headers["Access-Control-Expose-Headers"]
+    response = await client.get("/counters/?limit=10&after=c19")
+    assert await response.json() == {f"c{i}": i for i in range(20, 25)}
+    assert "Link" not in response.headers  # the last page
+    response = await client.get("/counters/?after=c23")  # limit: the largest page
+    assert await response.json() == {"c24": 24}
+    for query, reason in [("limit=0", b"limit must be a number from 1 to 1000\n"),
+                          ("limit=1001", b"limit must be a number from 1 to 1000\n"),
+                          ("limit=x", b"limit must be a number from 1 to 1000\n"),
+                          ("after=gone", b"after='gone' names no counter (deleted since?): list from the start\n")]:
+        response = await client.get(f"/counters/?{query}")
+        assert (response.status, await response.read()) == (400, reason), query
+
+
+async def test_a_listing_larger_than_a_slice_is_whole_valid_json(make_client, tmp_path):
+    counters = {f"c{i}": i for i in range(livecounter.LISTING_SLICE * 2 + 7)}
+    (tmp_path / "many.json").write_text(json.dumps(counters))
+    client = await make_client(data_path=tmp_path / "many.json")
+    response = await client.get("/counters/")
+    assert response.content_type == "application/json"
+    assert response.headers["Cache-Control"] == "no-cache"
+    assert await response.json() == counters
+    response = await client.head("/counters/")
+    assert (response.status, response.headers["X-Total-Count"], await response.read()) == (200, str(len(counters)), b"")
+
+
+async def test_a_million_counters_are_listed_without_stalling_other_requests(tmp_path):
+    """The demo page lists the counters every 30 s: with a million of them (24 MB of JSON), the listing
+    must not stall the server. /healthz is asked every 20 ms while a whole listing and pages go out."""
+    data_file = tmp_path / "counters.json"
+    data_file.write_text(json.dumps({f"counter-{i}": i for i in range(1_000_000)}))
+    server = await Server(data_file).start()
+    latencies = []
+    async with aiohttp.ClientSession() as session:
+        async def listing():
+            # curl reads the 24 MB, not this process: its loop must stay free to time /healthz.
+            curl = await asyncio.create_subprocess_exec(
+                "curl", "-sf", "-o", str(tmp_path / "listing.json"), f"{server.url}/counters/")
+            assert await curl.wait() == 0
+            page = await session.get(f"{server.url}/counters/?limit=100&after=counter-999000")
+            return await page.json()
+        listed = asyncio.create_task(listing())
+        while not listed.done():
+            started = asyncio.get_running_loop().time()
+            assert (await session.get(f"{server.url}/healthz")).status == 200
+            latencies.append(asyncio.get_running_loop().time() - started)
+            await asyncio.sleep(0.02)
+        page = await listed
+    await server.stop()
+    assert max(latencies) <= 0.1, sorted(latencies)[-5:]
+    assert len(latencies) >= 10, latencies  # asked all along the listing, not once before it
+    listing = json.loads((tmp_path / "listing.json").read_text())
+    assert len(listing) == 1_000_000 and listing["counter-999999"] == 999_999
+    assert page == {f"counter-{i}": i for i in range(999_001, 999_101)}
+
+
 # --- Server-Sent Events ----------------------------------------------------------------------------
 
 async def test_event_stream_bytes_on_the_wire(client):

@@ -240,6 +240,10 @@ async def test_the_demo_page_says_how_many_counters_it_shows(browser, start_coun
     await shows(page, "#status", "live")
     assert await page.locator(".counter").count() == 100
     assert await counters_of(counter_url) == {"1": 1, **{str(i): 0 for i in range(2, 151)}}
+    # It asks for the counters it shows, not for every counter (a million would be 24 MB a visit).
+    listings = await page.evaluate("""performance.getEntriesByType("resource").map((entry) => entry.name)
+                                      .filter((url) => /counters\\/(\\?(?!ids=)|$)/.test(url))""")
+    assert listings and all(url == f"{counter_url}counters/?limit=100" for url in listings), listings
     assert uncaught(errors) == []
 
 
