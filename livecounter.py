@@ -328,7 +328,9 @@ class CounterStore:
         self.saves = 0
         self.save_failures = 0
         self.last_save_seconds = 0.0  # how long the last save took, failed or not
-        self.last_saved_at = 0.0  # wall-clock time of the last successful save
+        # Wall-clock time the file last held every value: the last successful save, or the load (an
+        # idle server never saves, and an alert on this age must not fire for it).
+        self.last_saved_at = time.time() if self._file_exists else 0.0
 
     @property
     def save_error(self) -> str | None:
@@ -1472,7 +1474,8 @@ async def metrics(request: web.Request) -> web.Response:
         ("saves_total", "counter", "Saves of the data file attempted.", store.saves),
         ("save_errors_total", "counter", "Saves of the data file that failed.", store.save_failures),
         ("last_save_duration_seconds", "gauge", "How long the last save took.", store.last_save_seconds),
-        ("last_save_success_timestamp_seconds", "gauge", "Unix time of the last successful save.",
+        ("last_save_success_timestamp_seconds", "gauge",
+         "Unix time the data file last held every value: the last successful save, or the start.",
          store.last_saved_at),
         ("saves_failing", "gauge", "1 while saves fail (see /healthz), else 0.", int(store.save_error is not None)),
     ]

@@ -16,6 +16,7 @@ import socket
 import subprocess
 import threading
 import sys
+import time
 
 import aiohttp
 import pytest
@@ -803,6 +804,16 @@ async def test_metrics_in_prometheus_text_format(make_client):
     assert samples["livecounter_last_save_duration_seconds"] > 0
     assert samples["livecounter_last_save_success_timestamp_seconds"] > 1.7e9
     assert samples["livecounter_saves_failing"] == 0
+
+
+async def test_the_last_save_timestamp_is_the_start_until_a_save(make_client):
+    """An idle server never saves: the age of its data file's last save must not look like an outage."""
+    started = time.time()
+    client = await make_client()
+    response = await client.get("/metrics")
+    timestamp = next(float(line.split()[1]) for line in (await response.text()).splitlines()
+                     if line.startswith("livecounter_last_save_success_timestamp_seconds "))
+    assert started - 1 <= timestamp <= time.time()
 
 
 # --- embedding -------------------------------------------------------------------------------------
