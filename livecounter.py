@@ -786,12 +786,11 @@ class ListenerHub:
         asyncio.get_running_loop().remove_writer(listener.sock.fileno())
         listener.behind_since = 0.0
         self._behind.discard(listener)
-        listener.write(encode_values({channel.counter_id: channel.value for channel in listener.channels},
-                                     listener.style))
+        listener.write(encode_values({channel.key: channel.value for channel in listener.channels}, listener.style))
 
-    def publish(self, counter_id: str, value: int) -> None:
-        """A counter changed: broadcast soon, coalescing with changes that come before it goes."""
-        channel = self._channels.get(counter_id)
+    def publish(self, key: str, value: int) -> None:
+        """A channel's value changed: broadcast soon, coalescing with changes that come before it goes."""
+        channel = self._channels.get(key)
         if channel is None:
             return
         channel.value = value
@@ -807,7 +806,7 @@ class ListenerHub:
             return
         started = time.perf_counter()
         channel.sent = channel.value
-        self._write_all(channel, frames(channel.counter_id, channel.value))
+        self._write_all(channel, channel_frames(channel.key, channel.value))
         self.broadcasts += 1
         # A hot counter rests, so increments keep flowing (broadcasts take at most 1/6 of the loop);
         # the next broadcast carries whatever is latest by then.
@@ -838,12 +837,18 @@ class ListenerHub:
             if now - channel.last_write >= self._keepalive_interval:
                 self._write_all(channel, KEEPALIVE_FRAMES)
 
-    def drop(self, counter_id: str) -> None:
-        """End the streams of a counter that no longer exists."""
+    def watchers(self, counter_id: str) -> int:
+        """How many streams here carry the counter's values (not its watcher count)."""
         channel = self._channels.get(counter_id)
-        if channel is not None:
-            for listener in list(channel.listeners):
-                self._end(listener)
+        return len(channel.listeners) if channel is not None else 0
+
+    def drop(self, counter_id: str) -> None:
+        """End the streams of a counter that no longer exists, and of its watcher count."""
+        for key in (counter_id, watchers_key(counter_id)):
+            channel = self._channels.get(key)
+            if channel is not None:
+                for listener in list(channel.listeners):
+                    self._end(listener)
 
     def close(self) -> None:
         """End every stream (on shutdown); no new listener is taken after this."""
@@ -873,6 +878,8 @@ def duplicate(transport: asyncio.Transport) -> socket.socket:
 
 PUBLISH_BATCH = 500  # counters per publish request; a long outage may leave many to catch up
 PUBLISH_TIMEOUT = 5.0  # seconds; a slow Pushpin delays only its own next publish
+ITEMS_PER_CHANGE = 2  # a change goes to both of its counter's channels (publish_items)
+PACING_ROUND = 0.1  # seconds of --grip-message-rate a paced round waits for when many changes wait
 
 
 def grip_channel(counter_id: str, multi: bool) -> str:
@@ -882,19 +889,52 @@ def grip_channel(counter_id: str, multi: bool) -> str:
     return f"counters:{counter_id}" if multi else f"counter-{counter_id}"
 
 
+class PublishPacing:
+    """A token bucket of publish items for one Pushpin: `rate` a second, a second's worth at most.
+
+    Pushpin's handler (1.36, handler/engine.cpp and ratelimiter.cpp) queues one delivery per item
+    and subscribed connection, sends them at its message_rate a second, and drops any past
+    message_hwm queued ("exceeded publish hwm"), answering the publish 200 all the same. Paced here,
+    the backlog waits in `unpublished` instead, where a newer value replaces an older one."""
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+        self.capacity = max(float(rate), ITEMS_PER_CHANGE)
+        # A round goes when the bucket holds all that waits, or this much when more waits: a backlog
+        # goes out in ~1 / PACING_ROUND requests a second, not one request per change.
+        self.round = min(self.capacity, max(rate * PACING_ROUND, ITEMS_PER_CHANGE))
+        self.tokens = self.capacity
+        self.counted = time.monotonic()
+
+    def delay(self, items: int) -> float:
+        """Seconds before a round for `items` waiting items may go; 0: now."""
+        now = time.monotonic()
+        self.tokens = min(self.capacity, self.tokens + (now - self.counted) * self.rate)
+        self.counted = now
+        needed = min(items, self.round)
+        return 0.0 if self.tokens >= needed else (needed - self.tokens) / self.rate
+
+    def take(self, items: int) -> int:
+        """How many of `items` may go now, in whole changes (call delay() first); spent."""
+        granted = min(items, int(self.tokens // ITEMS_PER_CHANGE) * ITEMS_PER_CHANGE)
+        self.tokens -= granted
+        return granted
+
+
 class PushpinTarget:
     """One Pushpin instance: what it still has to be sent, and whether publishing to it works."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, message_rate: float) -> None:
         self.publish_url = url.rstrip("/") + "/publish/"
         self.unpublished: dict[str, int | None] = {}  # counter -> latest value; None: deleted
         self.wakeup = asyncio.Event()
         self.publishing = Outage(f"publishing to {self.publish_url}")
+        self.pacing = PublishPacing(message_rate)
 
 
 class GripPublisher:
-    def __init__(self, urls: tuple[str, ...]) -> None:
-        self._targets = [PushpinTarget(url) for url in urls]
+    def __init__(self, urls: tuple[str, ...], message_rate: float = Settings.grip_message_rate) -> None:
+        self._targets = [PushpinTarget(url, message_rate) for url in urls]
         self.published = 0  # for /metrics: publish requests Pushpin accepted
         self.failures = 0
 
@@ -902,6 +942,11 @@ class GripPublisher:
     def error(self) -> str | None:
         """Why publishing fails, for /healthz; None while it works."""
         return "; ".join(target.publishing.error for target in self._targets if target.publishing.error) or None
+
+    @property
+    def waiting(self) -> int:
+        """For /metrics: changed counters not yet published to the Pushpin furthest behind."""
+        return max(len(target.unpublished) for target in self._targets)
 
     def publish(self, counter_id: str, value: int | None) -> None:
         """Queue a counter's latest value (None: it was deleted) for every Pushpin; never waits."""

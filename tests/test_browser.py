@@ -18,7 +18,7 @@ from aiohttp import web
 from PIL import Image
 from playwright.async_api import async_playwright
 
-from livecounter import create_app
+from livecounter import STREAM_QUERY_MAX, create_app
 from conftest import ZEROS, metric, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -74,11 +74,15 @@ def other_origin(aiohttp_server):
     return serve
 
 
-async def open_page(browser, url, errors, *, fake_clock=False):
-    """A new page of url; with fake_clock the test moves the page's timers on (page.clock)."""
+async def open_page(browser, url, errors, *, fake_clock=False, requests=None):
+    """A new page of url (browser: a Browser, each page in a context of its own, or a BrowserContext,
+    whose pages share an origin's storage, locks and connections); with fake_clock the test moves the
+    page's timers on (page.clock); the URL of every request it makes is appended to requests."""
     page = await browser.new_page()
     page.on("console", lambda message: message.type == "error" and errors.append(message.text))
     page.on("pageerror", lambda error: errors.append(str(error)))
+    if requests is not None:
+        page.on("request", lambda request: requests.append(request.url))
     if fake_clock:
         await page.clock.install()
     await page.goto(url)
@@ -267,6 +271,43 @@ async def test_the_demo_page_shows_a_counter_created_while_it_is_open(browser, s
         return await listeners_of(counter_url) == 1
     await wait_until(one_stream, message="the old stream is still open")
     assert uncaught(errors) == []
+
+
+LONG_IDS = [f"{i:03d}-{'x' * 60}" for i in range(100)]  # 64 characters each, the most an id may have
+
+
+def streams_of(requests, counter_url):
+    """The multi-counter streams among the requests' URLs: {the part after counters/: its ids}."""
+    base = f"{counter_url}counters/"
+    return {url[len(base):]: url.partition("?ids=")[2].split(",")
+            for url in requests if url.startswith(base + "?ids=")}
+
+
+async def test_long_ids_are_split_into_streams_of_short_urls(browser, start_counter_server, other_origin):
+    counter_url = await start_counter_server(dict.fromkeys(LONG_IDS, 0))
+    spans = "".join(f'<span data-livecounter="{name}" data-livecounter-count>…</span> ' for name in LONG_IDS)
+    blog = await other_origin(f"""<!doctype html><title>blog</title><body><p>{spans}</p>
+        <script src="{counter_url}embed.js"></script></body>""")
+    errors, requests = [], []
+    page = await open_page(browser, blog, errors, requests=requests)
+    await shows(page, "[data-livecounter]", "1")  # every counter shown, and counted once
+    streams = streams_of(requests, counter_url)  # 100 ids of 64 characters: 6,504 characters in one URL
+    assert all(len(query) <= STREAM_QUERY_MAX for query in streams), [len(query) for query in streams]
+    assert sorted(name for ids in streams.values() for name in ids) == LONG_IDS  # each in one stream
+    assert len(streams) == -(-len(LONG_IDS) // ((STREAM_QUERY_MAX - len("?ids")) // 65))  # as few as fit
+    assert await listeners_of(counter_url) == len(streams)
+    async with aiohttp.ClientSession() as session:
+        await session.post(f"{counter_url}counters/{LONG_IDS[-1]}/")
+    await shows(page, f"[data-livecounter='{LONG_IDS[-1]}']", "2")
+
+    requests.clear()  # the demo page, showing the same 100 counters, splits its streams alike
+    demo = await open_page(browser, counter_url, errors, requests=requests)
+    await shows(demo, "#status", "live")
+    await shows(demo, f"[data-id='{LONG_IDS[-1]}'] .value", "2")
+    await shows(demo, f"[data-id='{LONG_IDS[0]}'] .value", "1")
+    assert streams_of(requests, counter_url) == streams
+    assert await counters_of(counter_url) == {**dict.fromkeys(LONG_IDS, 1), LONG_IDS[-1]: 2}
+    assert errors == []
 
 
 # --- outages: a stream answered 502 or 503 for a while --------------------------------------------
