@@ -152,6 +152,10 @@ class Settings:
                                         "separated by spaces)", flag="--grip-url", shown="none")
     grip_key: str | None = option(None, "the key Pushpin signs Grip-Sig with (its sig_key); unset, it is "
                                   "not checked", shown="unset")
+    grip_message_rate: int = option(2500, "publish items per second sent to each Pushpin, at most: its "
+                                    "[handler] message_rate (Pushpin drops what it can't deliver at that "
+                                    "rate, yet answers 200); a change is 2 items, one per channel of the "
+                                    "counter, and the latest value of each goes", parse=positive_int)
     reconnect_window: ReconnectWindow = option(
         ReconnectWindow(1, 5), "MIN-MAX seconds a client waits before it reconnects a stream that ended "
         "(a restart), drawn for each stream (its SSE retry field) so that they don't all come back at once",
@@ -960,12 +964,22 @@ class GripPublisher:
 
     async def _publish_to(self, session: aiohttp.ClientSession, target: PushpinTarget) -> None:
         """One request in flight per Pushpin; what changes meanwhile goes in the next, latest only.
+        Paced to its message rate: the counters changed longest ago go first, each with its latest
+        value, so every change gets out, a hot counter no more often than the rest.
         Whatever goes wrong with one Pushpin is its own outage: logged once, retried, and the other
         Pushpins' loops go on (an exception escaping here would end them all with the session)."""
         while True:
             await target.wakeup.wait()
+            waiting = min(len(target.unpublished), PUBLISH_BATCH) * ITEMS_PER_CHANGE
+            delay = target.pacing.delay(waiting)
+            if delay > 0:
+                await asyncio.sleep(delay)  # wakeup stays set; what changes meanwhile still coalesces
+                continue
             target.wakeup.clear()
-            batch = dict(itertools.islice(target.unpublished.items(), PUBLISH_BATCH))
+            if not waiting:
+                continue
+            changes = target.pacing.take(waiting) // ITEMS_PER_CHANGE
+            batch = dict(itertools.islice(target.unpublished.items(), changes))
             for counter_id in batch:
                 del target.unpublished[counter_id]
             try:
@@ -1530,6 +1544,8 @@ async def metrics(request: web.Request) -> web.Response:
             ("grip_publish_errors_total", "counter", "Publish requests that failed.", grip.failures),
             ("grip_publishing_failing", "gauge", "1 while publishing to a Pushpin fails, else 0.",
              int(grip.error is not None)),
+            ("grip_unpublished_counters", "gauge", "Changed counters waiting to be published to the "
+             "Pushpin furthest behind (paced to --grip-message-rate, or failing).", grip.waiting),
         ]
     text = "".join(f"# HELP livecounter_{name} {help}\n# TYPE livecounter_{name} {kind}\n"
                    f"livecounter_{name} {value}\n" for name, kind, help, value in samples)
@@ -1586,7 +1602,8 @@ def create_app(data_path: str | os.PathLike[str] = Settings.data_path, **options
         keepalive_interval=settings.keepalive_interval, stall_timeout=settings.stall_timeout,
         max_listeners=settings.max_listeners or default_max_listeners(),
         max_listeners_per_ip=settings.max_listeners_per_ip)
-    app[GRIP] = grip = GripPublisher(settings.grip_urls) if settings.grip_urls else None
+    app[GRIP] = grip = (GripPublisher(settings.grip_urls, settings.grip_message_rate)
+                        if settings.grip_urls else None)
     app[STORE] = CounterStore(
         settings.data_path, load_counters(settings.data_path), save_interval=settings.save_interval,
         durable=settings.durable, auto_create=settings.auto_create, max_counters=settings.max_counters,

@@ -7,6 +7,7 @@ Without pushpin installed these tests are skipped on a developer's machine and f
 import asyncio
 import configparser
 import contextlib
+import itertools
 import json
 import os
 import random
@@ -22,7 +23,8 @@ import jwt
 import pytest
 from aiohttp import web
 
-from conftest import SSE, Server, frame, free_port, open_fds, read_frame, read_until_value, retry_of, retry_read, wait_until
+from conftest import (SSE, Server, frame, free_port, metric, open_fds, read_frame, read_retry, read_until_value, retry_of,
+                      retry_read, wait_until)
 
 ROOT = Path(__file__).resolve().parent.parent
 SIG_KEY = "a-sig-key-of-32-bytes-or-more-for-hs256"
@@ -31,7 +33,7 @@ SIG_KEY = "a-sig-key-of-32-bytes-or-more-for-hs256"
 class Pushpin:
     """A private Pushpin in a temp dir: its own ports, run dir, logs, zurl and routes."""
 
-    def __init__(self, directory: Path, origin_port: int) -> None:
+    def __init__(self, directory: Path, origin_port: int, handler: dict[str, str] | None = None) -> None:
         self.directory = directory
         self.http_port = free_port()
         offset = random.randrange(10_000, 27_000)  # below the ephemeral ports (32768+)
@@ -50,6 +52,7 @@ class Pushpin:
             zurl_out_specs="ipc://{rundir}/{ipc_prefix}zurl-in",
             zurl_out_stream_specs="ipc://{rundir}/{ipc_prefix}zurl-in-stream",
             zurl_in_specs="ipc://{rundir}/{ipc_prefix}zurl-out")
+        config["handler"].update(handler or {})
         self.config_file = directory / "pushpin.conf"
         with open(self.config_file, "w") as file:
             config.write(file)
@@ -109,18 +112,19 @@ def port_open(port: int) -> bool:
         return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
-@pytest.fixture
-async def setup(tmp_path, data_file):
-    """livecounter (python livecounter.py) behind a private Pushpin: (origin, pushpin)."""
+@contextlib.asynccontextmanager
+async def behind_pushpin(tmp_path, data_file, *args, env=None, handler=None):
+    """livecounter (python livecounter.py, with args and env) behind a private Pushpin whose
+    [handler] settings handler overrides: (origin, pushpin)."""
     if shutil.which("pushpin") is None:
         if os.environ.get("CI") == "true":
             pytest.fail("pushpin is missing: .ci/run installs it with apt-get")
         pytest.skip("needs Debian's pushpin: apt-get install pushpin")
-    origin = Server(data_file)
-    pushpin = Pushpin(tmp_path, origin.port)
+    origin = Server(data_file, env=env)
+    pushpin = Pushpin(tmp_path, origin.port, handler)
     try:
         await pushpin.start()
-        origin.args += ["--grip-url", pushpin.grip_url, "--grip-key", SIG_KEY, "--save-interval", "0.1"]
+        origin.args += ["--grip-url", pushpin.grip_url, "--grip-key", SIG_KEY, "--save-interval", "0.1", *args]
         await origin.start()
         yield origin, pushpin
         if origin.process.returncode is None:
@@ -130,6 +134,13 @@ async def setup(tmp_path, data_file):
             with contextlib.suppress(asyncio.TimeoutError):  # 3.10: not the builtin TimeoutError
                 await pushpin.stop()
         pushpin.kill()
+
+
+@pytest.fixture
+async def setup(tmp_path, data_file):
+    """livecounter behind a private Pushpin from the shipped config: (origin, pushpin)."""
+    async with behind_pushpin(tmp_path, data_file) as running:
+        yield running
 
 
 async def test_listeners_through_pushpin_get_the_first_value_and_every_change(setup):
@@ -303,3 +314,76 @@ async def test_a_pushpin_that_answers_garbage_fails_alone(tmp_path, data_file, a
             with contextlib.suppress(asyncio.TimeoutError):
                 await pushpin.stop()
         pushpin.kill()
+
+
+async def test_publishing_is_paced_to_pushpins_message_rate_and_every_listener_ends_current(tmp_path, data_file):
+    # Pushpin 1.36 queues one delivery per publish item and subscribed connection, sends them at
+    # message_rate a second and drops any past message_hwm queued, answering 200 all the same
+    # (handler/engine.cpp, ratelimiter.cpp). Here a Pushpin that delivers 200 a second and queues
+    # 1,000 (the shipped config: 2,500 and 25,000), 300 counters each watched by a single-counter
+    # stream and by one of three multi streams (a change: 2 deliveries), and POSTs at ~600 changes
+    # a second for 4 s: six times what it delivers. livecounter paced to 200 items a second sends
+    # nothing Pushpin drops, and every listener ends on its counter's final value.
+    rate, seconds, post_rate = 200, 4.0, 600
+    counters = [f"paced-{n}" for n in range(300)]
+    data_file.write_text(json.dumps(dict.fromkeys(counters, 0)))
+    # The variable, not the option: livecounter before pacing ignores it, and fails on what matters.
+    async with behind_pushpin(tmp_path, data_file, env={"LIVECOUNTER_GRIP_MESSAGE_RATE": str(rate)},
+                              handler={"message_rate": str(rate), "message_hwm": str(5 * rate)}) as (origin, pushpin):
+        seen = {}  # (the stream's path, counter) -> the latest value it had
+
+        async def follow(response, path):
+            await read_retry(response)
+            while frame_ := await response.content.readuntil(b"\n\n"):
+                if frame_.startswith(b"event: message\n"):
+                    seen[path, path.split("/")[2]] = int(frame_.split(b"data: ")[1])
+                elif frame_.startswith(b"event: counter\n"):
+                    event = json.loads(frame_.split(b"data: ")[1])
+                    seen[path, event["id"]] = event["value"]
+
+        paths = [f"/counters/{counter}/" for counter in counters] + [
+            "/counters/?ids=" + ",".join(counters[start:start + 100]) for start in range(0, 300, 100)]
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+            readers = []
+            for start in range(0, len(paths), 50):  # in waves: a private Pushpin answers 502 to ~100 at once
+                for path, response in zip(paths[start:start + 50], await asyncio.gather(
+                        *(session.get(pushpin.url + path, headers=SSE) for path in paths[start:start + 50]))):
+                    assert response.status == 200, (path, response.status)
+                    readers.append(asyncio.create_task(follow(response, path)))
+            try:
+                await wait_until(lambda: len(seen) == 600, timeout=20, message="every stream's first frames")
+                finals = dict.fromkeys(counters, 0)
+
+                async def post(worker, workers=12):
+                    started = loop.time()
+                    for n in itertools.count():
+                        when = started + (n * workers + worker) / post_rate
+                        if when > started + seconds:
+                            return
+                        await asyncio.sleep(max(0.0, when - loop.time()))
+                        counter = random.choice(counters)
+                        async with session.post(f"{origin.url}/counters/{counter}/") as response:
+                            finals[counter] = max(finals[counter], int(await response.text()))
+                loop = asyncio.get_running_loop()
+                started = loop.time()
+                await asyncio.gather(*(post(worker) for worker in range(12)))
+                stopped = loop.time()
+                changes = sum(finals.values())
+                assert changes / (stopped - started) > rate, "POSTs too slow to overload this Pushpin"
+
+                def stale():
+                    return {key: value for key, value in seen.items() if value != finals[key[1]]}
+                # 300 changes waiting, 2 items each at 200 a second: 3 s, and ~1 s of Pushpin's queue (5.2 s seen).
+                with contextlib.suppress(AssertionError):
+                    await wait_until(lambda: not stale(), timeout=10)
+                assert not stale(), f"{len(stale())} of {len(seen)} listeners on old values 10 s after the POSTs"
+                assert await metric(session, origin.url, "grip_unpublished_counters") == 0
+                assert await metric(session, origin.url, "grip_publishing_failing") == 0
+            finally:
+                for reader in readers:
+                    reader.cancel()
+                await asyncio.gather(*readers, return_exceptions=True)
+    handler_log = (pushpin.directory / "log" / "pushpin-handler.log").read_text()
+    assert "dropping message" not in handler_log
+    assert "exceeded publish hwm" not in handler_log
+
