@@ -387,3 +387,53 @@ async def test_publishing_is_paced_to_pushpins_message_rate_and_every_listener_e
     assert "dropping message" not in handler_log
     assert "exceeded publish hwm" not in handler_log
 
+
+async def test_a_multi_stream_url_up_to_condures_4096_byte_uri_goes_through_pushpin(tmp_path, data_file):
+    # Pushpin 1.36's HTTP server, condure 1.9.1, copies "http://" + Host + path into a fixed buffer of
+    # URI_SIZE_MAX = 4096 bytes (src/connection.rs, make_zhttp_request): a request whose URI is longer
+    # is dropped, the connection closed without a byte (its log says, at debug level only, "process
+    # error: WriteZero"). No setting raises it: client_buffer_size (--buffer-size, 8192) only bounds
+    # the whole request head. Through Pushpin a stream of the server's 100 ids therefore fits when
+    # they are ~39 characters long; of ids of 64 characters 62 fit, 63 don't.
+    async def stream(path):
+        """What Pushpin answers a raw stream request, up to every id's first frame (5 s at most)."""
+        reader, writer = await asyncio.open_connection("127.0.0.1", pushpin.http_port)
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nAccept: text/event-stream\r\n\r\n".encode())
+        received = b""
+
+        async def read():
+            nonlocal received
+            while received.count(b"event: counter\n") < path.count(",") + 1 and (data := await reader.read(65536)):
+                received += data
+        with contextlib.suppress(asyncio.TimeoutError):  # 3.10: not the builtin TimeoutError
+            await asyncio.wait_for(read(), 5)
+        writer.close()
+        return received
+
+    def uri_length(path):
+        return len(f"http://{host}{path}")
+
+    def multi(count, length, longer=0):
+        """A multi stream's path: count ids of length characters, the first `longer` of them one more."""
+        return "/counters/?ids=" + ",".join(f"{n:03d}".ljust(length + (n < longer), "x") for n in range(count))
+
+    # --auto-create: unknown ids read as 0, so the ids can be made to measure once the port is known.
+    async with behind_pushpin(tmp_path, data_file, "--auto-create") as (origin, pushpin):
+        host = f"127.0.0.1:{pushpin.http_port}"  # what aiohttp sends too
+        # The server's 100 ids, 39 or 40 characters: a URI of exactly 4,096 bytes.
+        at_cap = multi(100, 39, 4096 - uri_length(multi(100, 39)))
+        assert uri_length(at_cap) == 4096
+        answer = await stream(at_cap)
+        assert answer.startswith(b"HTTP/1.1 200 OK\r\n") and answer.count(b"event: counter\n") == 100, answer[:200]
+        assert (await stream(multi(62, 64))).count(b"event: counter\n") == 62  # 4,060 bytes
+        # One byte over the cap, and 63 ids of 64 characters (4,125 bytes): no answer at all.
+        for path in (at_cap + "x", multi(63, 64)):
+            assert uri_length(path) > 4096
+            assert await stream(path) == b"", f"condure took a {uri_length(path)}-byte URI: its limit changed"
+        # The stream at the cap is held, subscribed to its 100 channels.
+        async with aiohttp.ClientSession() as session:
+            held = await session.get(pushpin.url + at_cap, headers=SSE)
+            assert [(await read_frame(held)).count(b'"value": 0}') for _ in range(100)] == [1] * 100
+            last = at_cap.rsplit(",", 1)[1]
+            await session.post(f"{origin.url}/counters/{last}/")
+            assert await read_frame(held) == b'event: counter\ndata: {"id": "%s", "value": 1}\n\n' % last.encode()
