@@ -1669,6 +1669,12 @@ async def end_streams(app: web.Application) -> None:
 # after a network error or the end of a stream; any answer but 200 (a proxy's 502 while livecounter
 # restarts, a 503) closes it for good. Then this opens a new one, after 1 s doubling to 30 s, each
 # wait ±25% so that the pages one restart cut off don't all come back in the same second.
+#
+# A page's counters are split into streams by count and by URL length: STREAM_QUERY_MAX characters
+# after the base (`?ids=a,b,…`) keep a stream's request line far below what proxies take (Pushpin
+# refused ~4 KB; nginx takes 8 KB, aiohttp 8,190 bytes): 30 ids of 64 characters, 100 short ones.
+STREAM_QUERY_MAX = 2000
+
 LIVE_SOURCE = """/* An EventSource on url that is reopened whenever it closes for good. listen(source) adds the
    handlers to each one; state(name, seconds) hears "live", "reconnecting" (the browser retries)
    and "offline" (closed for good: a new one in `seconds`). Returns a function that ends it. */
@@ -1687,6 +1693,29 @@ function liveSource(url, listen, state) {
     };
   })();
   return function end() { clearTimeout(timer); source.close(); };
+}
+
+/* The ids split into the streams that carry them: at most STREAM_IDS ids a stream (the server's
+   limit), and at most STREAM_QUERY characters of URL after the base ("?ids=a,b,..."), since
+   proxies refuse long URLs (through Pushpin, ~4 KB fails). An id is at most 64 characters: one
+   always fits. */
+var STREAM_IDS = """ + str(MAX_STREAM_IDS) + """, STREAM_QUERY = """ + str(STREAM_QUERY_MAX) + """;
+function streamsOf(ids) {
+  var streams = [], some = null, length = 0;
+  ids.forEach(function (id) {
+    var more = encodeURIComponent(id).length + 1;  // the id and the "=" or "," before it
+    if (!some || some.length === STREAM_IDS || length + more > STREAM_QUERY) {
+      streams.push(some = []);
+      length = "?ids".length;
+    }
+    some.push(id);
+    length += more;
+  });
+  return streams;
+}
+
+function queryOf(ids) {
+  return "?ids=" + ids.map(encodeURIComponent).join(",");
 }
 """
 
@@ -1734,13 +1763,13 @@ DEMO_PAGE = """<!doctype html>
 <script>
 "use strict";
 """ + LIVE_SOURCE + """
-const SHOWN = 100;  // one stream carries at most 100 counters
+const SHOWN = 100;  // cards, over as many streams as their ids need (streamsOf)
 const RELIST = 30;  // seconds: how soon counters created (or deleted) elsewhere show here
 const grid = document.getElementById("counters");
 const status = document.getElementById("status");
 const summary = document.getElementById("summary");
 const cards = new Map();  // id -> {element, number}; Maps, so that an id like "constructor" is just an id
-let watched = null, end = null;  // the ids of the cards' stream (joined), and what ends it
+let watched = null, ends = [];  // the ids of the cards' streams (joined), and what ends each
 let counted = false;
 
 function card(id, value) {
@@ -1778,26 +1807,28 @@ function count() {  // the page-view snippet, on counter 1 if it exists: after i
   }, () => {});
 }
 
-function watch(ids) {  // one stream for the cards shown, replacing the last one
-  if (end) end();
-  end = null;
+function watch(ids) {  // the streams of the cards shown (as few as URLs allow), replacing the last ones
+  ends.forEach((end) => end());
   watched = ids.join(",");
-  if (!ids.length) {
-    status.textContent = "idle";
-    status.className = "status";
-    return;
-  }
-  end = liveSource("counters/?ids=" + ids.map(encodeURIComponent).join(","), (source) => {
+  const streams = streamsOf(ids);
+  const states = streams.map(() => ({state: "connecting"}));
+  ends = streams.map((some, index) => liveSource("counters/" + queryOf(some), (source) => {
     source.addEventListener("counter", (event) => {
       const {id, value} = JSON.parse(event.data);
       show(id, value);  // a new stream starts with every value: the cards keep theirs until then
       if (id === "1" && !counted) count();
     });
   }, (state, seconds) => {
-    status.textContent = state === "offline" ? "offline, retrying in " + seconds + " s"
-      : state === "reconnecting" ? "reconnecting…" : "live";
-    status.className = "status " + state;
-  });
+    states[index] = {state, seconds};
+    say(states.find((stream) => stream.state !== "live") || states[0]);  // live once every stream is
+  }));
+  say(ids.length ? states[0] : {state: "idle"});
+}
+
+function say({state, seconds}) {
+  status.textContent = state === "offline" ? "offline, retrying in " + seconds + " s"
+    : state === "reconnecting" ? "reconnecting…" : state;
+  status.className = "status " + state;
 }
 
 function describe(total) {
@@ -1840,7 +1871,8 @@ relist();
 """
 
 EMBED_SCRIPT = """/* livecounter embed: <span data-livecounter="2"></span> becomes counter 2's live value;
-   data-livecounter-count on it also counts this page view once. One stream for all counters.
+   data-livecounter-count on it also counts this page view once. One stream per 100 counters
+   (fewer if their ids are long: streamsOf).
    Its elements say data-livecounter-state="connecting", then "live"; while a stream is down they
    keep their value and say "reconnecting" or "offline", for the page's CSS. A classic or a module
    script; included twice, the second copy finds every element taken (it has a state) and leaves it. */
@@ -1865,10 +1897,10 @@ EMBED_SCRIPT = """/* livecounter embed: <span data-livecounter="2"></span> becom
       if (ids.indexOf(id) < 0) ids.push(id);
       if (element.hasAttribute("data-livecounter-count")) uncounted[id] = true;
     });
-    for (var i = 0; i < ids.length; i += 100) watch(ids.slice(i, i + 100));  // at most 100 a stream
+    streamsOf(ids).forEach(watch);
 
     function watch(some) {
-      liveSource(base + "?ids=" + some.join(","), function (source) {
+      liveSource(base + queryOf(some), function (source) {
         source.addEventListener("counter", show);
       }, function (state) {
         elements.forEach(function (element) {
