@@ -1871,8 +1871,9 @@ relist();
 """
 
 EMBED_SCRIPT = """/* livecounter embed: <span data-livecounter="2"></span> becomes counter 2's live value;
-   data-livecounter-count on it also counts this page view once. One stream per 100 counters
-   (fewer if their ids are long: streamsOf).
+   data-livecounter-count on it also counts this page view once (in each tab). One stream per
+   100 counters (fewer if their ids are long: streamsOf), shared by the tabs of the origin that show
+   the same counters.
    Its elements say data-livecounter-state="connecting", then "live"; while a stream is down they
    keep their value and say "reconnecting" or "offline", for the page's CSS. A classic or a module
    script; included twice, the second copy finds every element taken (it has a state) and leaves it. */
@@ -1886,40 +1887,96 @@ EMBED_SCRIPT = """/* livecounter embed: <span data-livecounter="2"></span> becom
   if (!script) throw new Error('livecounter: include it as <script src=".../embed.js">');
   var base = new URL("counters/", script.src).href;
   var VALID = /^(?!\\.+$)[A-Za-z0-9._-]{1,64}$/;  // the server's rule: not only dots
+  // Tabs of this origin that show the same counters share their streams: over HTTP/1.1 a browser
+  // opens at most six connections to a host and each stream holds one, so a seventh tab would wait
+  // for ever. Each stream has a Web Lock and a BroadcastChannel named after its URL: the tab holding
+  // the lock opens the stream and relays every value and state over the channel; when that tab
+  // closes, another gets the lock and opens the stream again. Without either API (Web Locks needs a
+  // secure context: HTTPS or localhost) each tab opens its own streams, as it would alone.
+  var SHARED = typeof BroadcastChannel === "function" && !!navigator.locks;
 
   function start() {
     var elements = [].filter.call(document.querySelectorAll("[data-livecounter]:not([data-livecounter-state])"),
       function (element) { return VALID.test(element.getAttribute("data-livecounter")); });
-    var ids = [], uncounted = Object.create(null);  // no prototype: "constructor" is an id like any other
+    // No prototypes: "constructor" is an id like any other
+    var ids = [], elementsOf = Object.create(null), uncounted = Object.create(null);
     elements.forEach(function (element) {
       var id = element.getAttribute("data-livecounter");
       element.setAttribute("data-livecounter-state", "connecting");  // taken
-      if (ids.indexOf(id) < 0) ids.push(id);
+      if (!elementsOf[id]) {
+        elementsOf[id] = [];
+        ids.push(id);
+      }
+      elementsOf[id].push(element);
       if (element.hasAttribute("data-livecounter-count")) uncounted[id] = true;
     });
-    streamsOf(ids).forEach(watch);
+    ids.sort();  // the same counters in any order make the same streams, which tabs can share
+    streamsOf(ids).forEach(function (some) {
+      var stream = {url: base + queryOf(some), ids: some, values: Object.create(null), state: "connecting"};
+      if (SHARED) share(stream);
+      else open(stream);
+    });
 
-    function watch(some) {
-      liveSource(base + queryOf(some), function (source) {
-        source.addEventListener("counter", show);
-      }, function (state) {
-        elements.forEach(function (element) {
-          if (some.indexOf(element.getAttribute("data-livecounter")) >= 0) {
-            element.setAttribute("data-livecounter-state", state);
-          }
+    // What a stream says, from this tab's EventSource or relayed by the tab that holds it:
+    // {id, value} for a counter, {state} for the stream.
+    function hear(stream, message) {
+      if ("state" in message) {
+        stream.state = message.state;
+        stream.ids.forEach(function (id) {
+          elementsOf[id].forEach(function (element) { element.setAttribute("data-livecounter-state", message.state); });
         });
+      } else {
+        stream.values[message.id] = message.value;  // for the tabs that join later, should this one hold it
+        show(message.id, message.value);
+      }
+    }
+
+    function show(id, value) {
+      elementsOf[id].forEach(function (element) { element.textContent = value; });
+      if (uncounted[id]) {  // after the first value, as the snippet does:
+        delete uncounted[id];  // once, however often the stream reopens or passes to another tab
+        fetch(base + encodeURIComponent(id) + "/", {method: "POST"});
+      }
+    }
+
+    function open(stream, relay) {  // this tab's EventSource; relay(message) passes on what it says
+      function heard(message) {
+        hear(stream, message);
+        if (relay) relay(message);
+      }
+      liveSource(stream.url, function (source) {
+        source.addEventListener("counter", function (event) {
+          var counter = JSON.parse(event.data);
+          heard({id: counter.id, value: counter.value});
+        });
+      }, function (state) { heard({state: state}); });
+    }
+
+    function share(stream) {
+      var name = "livecounter " + stream.url, holding = false;
+      var channel = new BroadcastChannel(name);
+      function relay(message) { channel.postMessage(message); }
+      channel.onmessage = function (event) {
+        if (!event.data.hello) hear(stream, event.data);
+        else if (holding) replay(stream, relay);
+      };
+      relay({hello: true});  // a tab that joins asks: the holder, if any, sends what it has at once
+      navigator.locks.request(name, function () {
+        holding = true;
+        if (stream.state !== "connecting") {  // the tab that held it closed, and its stream with it
+          hear(stream, {state: "reconnecting"});
+          relay({state: "reconnecting"});
+        }
+        open(stream, relay);
+        return new Promise(function () {});  // held as long as this tab lives
+      }).catch(function () {  // refused (an opaque origin, a sandboxed frame): a stream of its own
+        if (!holding) open(stream);
       });
     }
 
-    function show(event) {
-      var counter = JSON.parse(event.data);
-      elements.forEach(function (element) {
-        if (element.getAttribute("data-livecounter") === counter.id) element.textContent = counter.value;
-      });
-      if (uncounted[counter.id]) {  // after the first value, as the snippet does:
-        delete uncounted[counter.id];  // once, however often the stream reopens
-        fetch(base + counter.id + "/", {method: "POST"});
-      }
+    function replay(stream, relay) {  // the values this tab has and the stream's state, in that order
+      Object.keys(stream.values).forEach(function (id) { relay({id: id, value: stream.values[id]}); });
+      relay({state: stream.state});
     }
   }
 

@@ -310,6 +310,80 @@ async def test_long_ids_are_split_into_streams_of_short_urls(browser, start_coun
     assert errors == []
 
 
+# --- tabs: one stream shared by the tabs of an origin -----------------------------------------------
+
+TAB_PAGE = """<!doctype html><title>blog</title><body>
+    <p>views: <span id="views" data-livecounter="2" data-livecounter-count>…</span></p>
+    <p>likes: <span id="likes" data-livecounter="3">…</span></p>
+    <script src="{counter_url}embed.js"></script></body>"""
+
+
+async def states_of(pages):
+    return {await page.get_attribute("#likes", "data-livecounter-state") for page in pages}
+
+
+async def test_seven_tabs_share_one_stream_and_each_counts_its_view(browser, counter_url, other_origin):
+    # One browser context: its tabs share an origin's locks, channels and connections. Each holding a
+    # stream of its own, the seventh (over HTTP/1.1, six connections to a host) never had a value.
+    blog = await other_origin(TAB_PAGE.format(counter_url=counter_url))
+    context = await browser.new_context()
+    errors, tabs = [], []
+    for views in range(1, 8):
+        tabs.append(await open_page(context, blog, errors))
+        await shows(tabs[-1], "#views", str(views))  # the value at once, then its own view counted
+    for tab in tabs:
+        await shows(tab, "#views", "7")
+        await shows(tab, "#likes", "0")
+    assert await states_of(tabs) == {"live"}
+    assert await listeners_of(counter_url) == 1
+    async with aiohttp.ClientSession() as session:
+        await session.post(f"{counter_url}counters/3/")
+    for tab in tabs:
+        await shows(tab, "#likes", "1")
+
+    await tabs.pop(0).close()  # the tab that holds the stream: another takes it over
+    async with aiohttp.ClientSession() as session:
+        await session.post(f"{counter_url}counters/3/")
+    for tab in tabs:
+        await shows(tab, "#likes", "2")
+
+    async def all_live():
+        return await states_of(tabs) == {"live"}
+    await wait_until(all_live, timeout=10, message="a tab does not say it is live again")
+
+    async def one_stream():
+        return await listeners_of(counter_url) == 1
+    await wait_until(one_stream, message="the closed tab's stream is still open, or more were opened")
+    assert await value_of(counter_url, 2) == 7  # every view counted once, none again on the new stream
+    for tab in tabs:
+        await shows(tab, "#views", "7")
+    await context.close()
+    assert errors == []
+
+
+@pytest.mark.parametrize("missing", ["navigator.locks", "BroadcastChannel"])
+async def test_without_locks_or_channels_each_tab_has_its_own_stream(browser, counter_url, other_origin, missing):
+    blog = await other_origin(TAB_PAGE.format(counter_url=counter_url))
+    context = await browser.new_context()
+    await context.add_init_script({"navigator.locks": "delete Navigator.prototype.locks;",
+                                   "BroadcastChannel": "delete window.BroadcastChannel;"}[missing])
+    errors = []
+    first = await open_page(context, blog, errors)
+    await shows(first, "#views", "1")
+    second = await open_page(context, blog, errors)
+    await shows(second, "#views", "2")
+    assert await first.evaluate(f"typeof {missing}") == "undefined"
+    assert await listeners_of(counter_url) == 2
+    async with aiohttp.ClientSession() as session:
+        await session.post(f"{counter_url}counters/3/")
+    for tab in (first, second):
+        await shows(tab, "#likes", "1")
+        await shows(tab, "#views", "2")
+    assert await states_of([first, second]) == {"live"}
+    await context.close()
+    assert errors == []
+
+
 # --- outages: a stream answered 502 or 503 for a while --------------------------------------------
 
 @pytest.fixture
@@ -417,3 +491,31 @@ async def test_the_demo_page_reopens_its_stream_after_a_503_and_says_so(browser,
     await shows(page, "[data-id='5'] .value", "1")
     assert await value_of(counter_url, 1) == 1  # its own view, counted once
     assert uncaught(errors) == []
+
+
+async def test_a_badge_renders_in_a_page_of_another_origin_with_its_value_unclipped(
+        browser, start_counter_server, other_origin, tmp_path):
+    counter_url = await start_counter_server({"2": 1234567})
+    page_url = await other_origin(f'<!doctype html><body style="margin:0;background:#fff">'
+                                  f'<img id="badge" src="{counter_url}counters/2/badge.svg"></body>')
+    page = await browser.new_page()
+    await page.goto(page_url)
+    await page.wait_for_function("document.getElementById('badge').complete")
+    width = await page.evaluate("document.getElementById('badge').naturalWidth")
+    assert width > 60
+    path = tmp_path / "badge.png"
+    await page.screenshot(path=path, clip={"x": 0, "y": 0, "width": width, "height": 20})
+    colors = Image.open(path).convert("RGB").getcolors(100_000)
+    assert len(colors) > 10  # grey, green, white text with its antialiasing: not a blank or broken image
+    assert any(abs(r - 0x44) < 40 and g > 0xa0 and b < 0x60 for _, (r, g, b) in colors)  # the value's green
+
+    # The badge itself: the value in its text, every text inside its box in the font this browser has.
+    await page.goto(f"{counter_url}counters/2/badge.svg")
+    texts = await page.evaluate("""[...document.querySelectorAll("text")].map((text) => {
+        const box = text.getBBox();
+        return [text.textContent, box.x, box.x + box.width]; })""")
+    rects = await page.evaluate("""[...document.querySelectorAll("g rect")].slice(0, 2).map((rect) =>
+        [rect.x.baseVal.value, rect.x.baseVal.value + rect.width.baseVal.value])""")
+    assert [text for text, _, _ in texts] == ["views", "views", "1,234,567", "1,234,567"]
+    for (text, left, right), (box_left, box_right) in zip(texts[1::2], rects):
+        assert box_left <= left and right <= box_right, (text, left, right, box_left, box_right)
