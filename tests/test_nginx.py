@@ -7,11 +7,13 @@ installs nginx-light). Without chromium the browser test does the same (see test
 """
 
 import asyncio
+import json
 import os
 import re
 import shutil
 import signal
 import socket
+import subprocess
 import time
 from pathlib import Path
 
@@ -19,7 +21,7 @@ import aiohttp
 import pytest
 
 from test_browser import browser, open_page, other_origin, readme_snippet, shows, uncaught  # noqa: F401 (fixtures)
-from conftest import Server, free_port
+from conftest import Server, free_port, metric, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 NGINX = shutil.which("nginx", path=os.environ.get("PATH", "") + ":/usr/sbin")
@@ -28,22 +30,25 @@ ALLOW_ORIGIN = "Access-Control-Allow-Origin"
 
 class Nginx:
     """A private nginx in a temp dir serving the shipped site, on a port of its own, in front of
-    livecounter on `upstream_port`."""
+    livecounter on `upstream_port`; with tls, its HTTPS (HTTP/2) server too, on `tls_port`, with a
+    self-signed certificate for 127.0.0.1 made here."""
 
-    def __init__(self, directory: Path, upstream_port: int) -> None:
+    def __init__(self, directory: Path, upstream_port: int, tls: bool = False) -> None:
         directory.mkdir(exist_ok=True)
         self.directory = directory
-        self.port = free_port()
+        self.port, self.tls_port = free_port(), free_port() if tls else None
         self.url = f"http://127.0.0.1:{self.port}/"
+        self.tls_url = f"https://127.0.0.1:{self.tls_port}/"
         site = (ROOT / "deploy" / "nginx-livecounter.conf").read_text()
         for shipped, here in (("listen 80;", f"listen 127.0.0.1:{self.port};"),
                               ("listen [::]:80;", ""),
-                              ("server 127.0.0.1:8080;", f"server 127.0.0.1:{upstream_port};")):
+                              ("server 127.0.0.1:8080;", f"server 127.0.0.1:{upstream_port};"),
+                              *self.tls_lines(tls)):
             assert site.count(shipped) == 1, f"the shipped site no longer says {shipped!r}: adapt this test"
             site = site.replace(shipped, here)
-        # Should the site get TLS (certbot's lines), it is served in plain HTTP here.
-        site = re.sub(r"^\s*(listen .*\b(ssl|443)\b.*|ssl_\w+ .*|include .*letsencrypt.*|http2 .*)\n", "",
-                      site, flags=re.M)
+        if not tls:  # the HTTPS lines (the shipped ones, or certbot's) go: plain HTTP only
+            site = re.sub(r"^\s*(listen .*\b(ssl|443)\b.*|ssl_\w+ .*|include .*letsencrypt.*|http2 .*)\n", "",
+                          site, flags=re.M)
         (directory / "site.conf").write_text(site)
         temp_paths = "\n".join(f"    {kind}_temp_path {directory / kind};"
                                for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
@@ -60,13 +65,28 @@ http {{
 """)
         self.process: asyncio.subprocess.Process | None = None
 
+    def tls_lines(self, tls: bool) -> list[tuple[str, str]]:
+        """What the shipped HTTPS lines become here, a certificate made for them."""
+        if not tls:
+            return []
+        certificate, key = self.directory / "cert.pem", self.directory / "key.pem"
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                        "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                        "-keyout", str(key), "-out", str(certificate)], check=True, capture_output=True)
+        return [("listen 443 ssl http2;", f"listen 127.0.0.1:{self.tls_port} ssl http2;"),
+                ("listen [::]:443 ssl http2;", ""),
+                ("ssl_certificate /etc/letsencrypt/live/counter.example.com/fullchain.pem;",
+                 f"ssl_certificate {certificate};"),
+                ("ssl_certificate_key /etc/letsencrypt/live/counter.example.com/privkey.pem;",
+                 f"ssl_certificate_key {key};")]
+
     async def start(self) -> "Nginx":
         with open(self.directory / "nginx.out", "ab") as out:
             self.process = await asyncio.create_subprocess_exec(
                 NGINX, "-p", str(self.directory), "-c", str(self.directory / "nginx.conf"),
                 "-g", "daemon off;", stdout=out, stderr=out)
         deadline = time.monotonic() + 10
-        while not port_open(self.port):
+        while not port_open(self.port) or (self.tls_port and not port_open(self.tls_port)):
             assert self.process.returncode is None, (self.directory / "nginx.out").read_text()
             assert time.monotonic() < deadline, "nginx did not start listening"
             await asyncio.sleep(0.05)
@@ -83,14 +103,19 @@ def port_open(port: int) -> bool:
 
 
 @pytest.fixture
-async def behind_nginx(tmp_path, data_file):
-    """`python livecounter.py` behind the shipped nginx site: (livecounter, nginx)."""
+async def behind_nginx(tmp_path, data_file, request):
+    """`python livecounter.py` behind the shipped nginx site: (livecounter, nginx). Parametrized
+    (indirect) with {"tls": True} the site's HTTPS server runs too; with {"counters": {...}} the data
+    file holds those counters."""
     if NGINX is None:
         if os.environ.get("CI") == "true":
             pytest.fail("nginx is missing: .ci/run installs it with apt-get")
         pytest.skip("needs Debian's nginx: apt-get install nginx-light")
+    setup = getattr(request, "param", {})
+    if "counters" in setup:
+        data_file.write_text(json.dumps(setup["counters"]))
     livecounter = await Server(data_file).start()
-    nginx = Nginx(tmp_path / "nginx", livecounter.port)
+    nginx = Nginx(tmp_path / "nginx", livecounter.port, tls=setup.get("tls", False))
     try:
         await nginx.start()
         yield livecounter, nginx
@@ -147,3 +172,48 @@ async def test_the_readme_snippet_behind_nginx_follows_a_restart_by_itself(behin
         assert await (await session.post(f"{nginx.url}counters/1/")).text() == "2\n"
     await shows(page, "#views", "2", timeout=15_000)  # the page found the new process by itself
     assert uncaught(errors) == []
+
+
+# --- HTTPS with HTTP/2: no six-connection limit ----------------------------------------------------
+
+@pytest.mark.parametrize("behind_nginx", [{"tls": True}], ids=["https"], indirect=True)
+async def test_the_https_server_serves_streams_over_http2(behind_nginx):
+    livecounter, nginx = behind_nginx
+    curl = await asyncio.create_subprocess_exec(
+        "curl", "--http2", "--insecure", "--silent", "--no-buffer", "--max-time", "2",
+        "--header", "Accept: text/event-stream", "--write-out", "\nhttp_version=%{http_version}\n",
+        f"{nginx.tls_url}counters/1/", stdout=asyncio.subprocess.PIPE)
+    out, _ = await curl.communicate()  # curl gives up after 2 s: the stream stays open
+    assert b"event: message\ndata: 0\n\n" in out, out
+    assert out.endswith(b"\nhttp_version=2\n"), out
+
+
+MANY = {f"c{i:03d}": 0 for i in range(800)}  # eight streams of 100 counters
+
+
+@pytest.mark.parametrize("behind_nginx", [{"tls": True, "counters": MANY}], ids=["https"], indirect=True)
+async def test_a_page_of_eight_streams_is_live_over_http2(behind_nginx, browser, other_origin):
+    # Over HTTP/1.1 two of the eight would wait for a connection, 200 counters blank, for ever.
+    livecounter, nginx = behind_nginx
+    spans = "".join(f'<span data-livecounter="{name}">…</span> ' for name in MANY)
+    blog = await other_origin(f"""<!doctype html><title>blog</title><body><p>{spans}</p>
+        <script src="{nginx.tls_url}embed.js"></script></body>""")
+    context = await browser.new_context(ignore_https_errors=True)  # the test's self-signed certificate
+    errors = []
+    page = await open_page(context, blog, errors)
+    await shows(page, "[data-livecounter]", "0", timeout=15_000)
+    async with aiohttp.ClientSession() as session:
+        assert await metric(session, livecounter.url, "listeners") == 8
+        await session.post(f"{nginx.url}counters/c799/")
+        await session.post(f"{nginx.url}counters/c000/")
+    await shows(page, "[data-livecounter='c799']", "1")
+    await shows(page, "[data-livecounter='c000']", "1")
+    await page.wait_for_function("[...document.querySelectorAll('[data-livecounter]')]"
+                                 ".every((element) => element.dataset.livecounterState === 'live')")
+    await context.close()
+    assert errors == []
+
+    def streams_logged():  # nginx logs a request when it ends: the streams, now that the tabs closed
+        log = (nginx.directory / "access.log").read_text()
+        return re.findall(r'"GET /counters/\?ids=\S+ (HTTP/[\d.]+)"', log) if '"GET /embed.js HTTP/2.0"' in log else []
+    assert await wait_until(lambda: len(streams_logged()) >= 8) and set(streams_logged()) == {"HTTP/2.0"}
