@@ -33,6 +33,7 @@ import argparse
 import asyncio
 import collections
 import dataclasses
+import functools
 import gc
 import hmac
 import itertools
@@ -150,6 +151,10 @@ class Settings:
     grip_urls: tuple[str, ...] = option((), "a Pushpin instance's publish endpoint, e.g. "
                                         "http://127.0.0.1:5561/ (repeat for each; the variable takes them "
                                         "separated by spaces)", flag="--grip-url", shown="none")
+    grip_stats: tuple[str, ...] = option((), "a Pushpin instance's stats socket (its stats_spec, e.g. "
+                                         "ipc:///run/pushpin/pushpin-stats), so that watcher counts include "
+                                         "the streams it holds; needs pyzmq (repeat for each; the variable "
+                                         "takes them separated by spaces)", shown="none")
     grip_key: str | None = option(None, "the key Pushpin signs Grip-Sig with (its sig_key); unset, it is "
                                   "not checked", shown="unset")
     grip_message_rate: int = option(2500, "publish items per second sent to each Pushpin, at most: its "
@@ -528,6 +533,15 @@ BROADCAST_REST = 5  # a hot counter rests this many times as long as its last br
 Frames = tuple[bytes, bytes, bytes, bytes]
 MESSAGE_STYLE, COUNTER_STYLE = 0, 2  # + 1 when chunked
 
+# A channel is a counter's values (its key is the counter's id) or its watcher count (WATCHERS + the
+# id: no id has a '/'). A watcher count goes out as a "message" event on a single stream, the same
+# shape as a value, and as a "watchers" event on a multi-counter stream.
+WATCHERS = "watchers/"
+
+
+def watchers_key(counter_id: str) -> str:
+    return WATCHERS + counter_id
+
 
 def message_event(value: int) -> bytes:
     return b"event: message\ndata: %d\n\n" % value
@@ -543,9 +557,21 @@ def chunk(payload: bytes) -> bytes:
     return b"%x\r\n%s\r\n" % (len(payload), payload)
 
 
+def watchers_event(counter_id: str, watchers: int) -> bytes:
+    return b'event: watchers\ndata: {"id": "%s", "watchers": %d}\n\n' % (counter_id.encode(), watchers)
+
+
 def frames(counter_id: str, value: int) -> Frames:
     message, counter = message_event(value), counter_event(counter_id, value)
     return message, chunk(message), counter, chunk(counter)
+
+
+def channel_frames(key: str, value: int) -> Frames:
+    """A channel's value in every style: a counter's value, or a watcher count."""
+    if not key.startswith(WATCHERS):
+        return frames(key, value)
+    message, watchers = message_event(value), watchers_event(key[len(WATCHERS):], value)
+    return message, chunk(message), watchers, chunk(watchers)
 
 
 def stream_style(*, multi: bool, chunked: bool) -> int:
@@ -553,8 +579,8 @@ def stream_style(*, multi: bool, chunked: bool) -> int:
 
 
 def encode_values(values: dict[str, int], style: int) -> bytes:
-    """These counters' values as frames of one style: a stream's first frames, or a catch-up."""
-    return b"".join(frames(counter_id, value)[style] for counter_id, value in values.items())
+    """These channels' values as frames of one style: a stream's first frames, or a catch-up."""
+    return b"".join(channel_frames(key, value)[style] for key, value in values.items())
 
 
 def retry_field(window: ReconnectWindow) -> bytes:
@@ -631,12 +657,12 @@ class Listener:
 
 
 class Channel:
-    """One counter's listeners and what they have been sent."""
+    """One counter's listeners (or its watcher count's) and what they have been sent."""
 
-    __slots__ = ("counter_id", "listeners", "value", "sent", "pending", "last_write")
+    __slots__ = ("key", "listeners", "value", "sent", "pending", "last_write")
 
-    def __init__(self, counter_id: str, value: int) -> None:
-        self.counter_id = counter_id
+    def __init__(self, key: str, value: int) -> None:
+        self.key = key  # the counter's id, or watchers_key(id)
         self.listeners: set[Listener] = set()
         self.value = value  # the latest value published
         self.sent = value  # the value the last broadcast carried
@@ -664,6 +690,7 @@ class ListenerHub:
         self._max_listeners_per_ip = max_listeners_per_ip
         self._closing = False
         self.listener_count = 0
+        self.watchers_changed: Callable[[str], None] = lambda counter_id: None  # Presence's, see there
         self.broadcasts = 0  # for /metrics
         self.coalesced = 0  # changes folded into a broadcast already scheduled
 
@@ -701,10 +728,12 @@ class ListenerHub:
         self._behind.discard(listener)
         for channel in listener.channels:
             channel.listeners.discard(listener)
-            if not channel.listeners and self._channels.get(channel.counter_id) is channel:
+            if not channel.listeners and self._channels.get(channel.key) is channel:
                 if channel.pending is not None:
                     channel.pending.cancel()
-                del self._channels[channel.counter_id]
+                del self._channels[channel.key]
+            if not channel.key.startswith(WATCHERS):
+                self.watchers_changed(channel.key)
         listener.channels = []
 
     async def take_over(self, listener: Listener, transport: asyncio.Transport, first: dict[str, int],
@@ -742,21 +771,27 @@ class ListenerHub:
         return not transport.is_closing()
 
     def _register(self, listener: Listener, first: dict[str, int], value_of: Callable[[str], int | None]) -> bool:
-        """Subscribe the listener to its counters and catch it up; False if one of them is gone."""
+        """Subscribe the listener to its channels and catch it up; False if a counter is gone."""
         catch_up: dict[str, int] = {}
-        for counter_id, first_value in first.items():
-            channel = self._channels.get(counter_id)
+        for key, first_value in first.items():
+            channel = self._channels.get(key)
             if channel is None:
-                value = value_of(counter_id)
+                value = value_of(key)
                 if value is None:
                     return False
-                channel = self._channels[counter_id] = Channel(counter_id, value)
+                channel = self._channels[key] = Channel(key, value)
             channel.listeners.add(listener)
             listener.channels.append(channel)
             # Changed since the first frame: a broadcast that is scheduled carries the latest value to
-            # every listener of the channel, this one included; only one already made can't.
-            if channel.value != first_value and channel.value == channel.sent:
-                catch_up[counter_id] = channel.value
+            # every listener of the channel, this one included; only one already made can't. A stream
+            # of a counter and its watcher count counted itself in its first frame: its arrival makes
+            # that count, which Presence sends (the channel still has the count before it).
+            if (channel.value != first_value and channel.value == channel.sent
+                    and not (key.startswith(WATCHERS) and key[len(WATCHERS):] in first)):
+                catch_up[key] = channel.value
+        for key in first:
+            if not key.startswith(WATCHERS):
+                self.watchers_changed(key)
         asyncio.get_running_loop().add_reader(listener.sock.fileno(), listener.on_readable)
         if catch_up:
             listener.write(encode_values(catch_up, listener.style))
@@ -886,11 +921,12 @@ ITEMS_PER_CHANGE = 2  # a change goes to both of its counter's channels (publish
 PACING_ROUND = 0.1  # seconds of --grip-message-rate a paced round waits for when many changes wait
 
 
-def grip_channel(counter_id: str, multi: bool) -> str:
-    """A counter's channel for single-counter ("message" events) or multi-counter streams.
-
-    ':' is not allowed in ids, so the two names never collide."""
-    return f"counters:{counter_id}" if multi else f"counter-{counter_id}"
+def grip_channel(key: str, multi: bool) -> str:
+    """The Pushpin channel of a hub channel's key (a counter's values, or its watcher count) for
+    single-counter ("message" events) or multi-counter streams. No id has ':', so no names collide."""
+    if key.startswith(WATCHERS):
+        return f"watchers:{key[len(WATCHERS):]}" if multi else f"watchers-{key[len(WATCHERS):]}"
+    return f"counters:{key}" if multi else f"counter-{key}"
 
 
 class PublishPacing:
@@ -1014,16 +1050,17 @@ def failure_reason(error: Exception) -> str:
 
 
 def publish_items(batch: dict[str, int | None]) -> list[dict[str, object]]:
-    """GRIP publish items: each change on both of its counter's channels; a deletion closes them."""
+    """GRIP publish items: each change (of a counter's value or watcher count, by the hub's channel
+    keys) on both of its Pushpin channels; a deletion closes them."""
     items = []
-    for counter_id, value in batch.items():
+    for key, value in batch.items():
         for multi in (False, True):
             if value is None:
                 content: dict[str, object] = {"action": "close"}
             else:
-                event = counter_event(counter_id, value) if multi else message_event(value)
+                event = channel_frames(key, value)[COUNTER_STYLE if multi else MESSAGE_STYLE]
                 content = {"content": event.decode()}
-            items.append({"channel": grip_channel(counter_id, multi), "formats": {"http-stream": content}})
+            items.append({"channel": grip_channel(key, multi), "formats": {"http-stream": content}})
     return items
 
 
@@ -1044,6 +1081,176 @@ def grip_sig_valid(signature: str, key: str | None) -> bool:
     except jwt.InvalidTokenError:
         return False
     return True
+
+
+# --------------------------------------------------------------------------------------------------
+# Presence: how many are watching each counter
+# --------------------------------------------------------------------------------------------------
+#
+# A counter's watchers are the open streams that carry its values: the hub's listeners of its
+# channel (single-counter streams and multi-counter streams naming it), plus, with --grip-stats,
+# the subscribers Pushpin reports on its channels. Streams of a watcher count don't count: watching
+# the count is not watching the counter. Streams, not people: every tab counts.
+#
+# A count changes with every arrival and departure: a reconnect storm of 10,000 streams would be
+# 10,000 new counts for every watcher of the count. So a counter's count goes out at most once per
+# WATCHERS_INTERVAL, the latest when it goes, and never on a POST's path (arrivals and departures
+# only schedule it).
+
+WATCHERS_INTERVAL = 0.5  # seconds: a counter's watcher count goes out at most twice a second
+
+
+class Presence:
+    """Every counter's watcher count, and sending it to the watchers of counts, here and on Pushpin."""
+
+    def __init__(self, hub: ListenerHub, grip: GripPublisher | None, exists: Callable[[str], bool]) -> None:
+        self._hub = hub
+        self._grip = grip
+        self._exists = exists  # whether a counter exists (for its listeners): a deleted one has no count
+        # counter -> {(Pushpin instance, channel): (subscribers, when the report expires)}
+        self._proxied: dict[str, dict[tuple[str, str], tuple[int, float]]] = {}
+        self._sent: dict[str, tuple[int, float]] = {}  # counter -> the count last sent, and when
+        self._pending: dict[str, asyncio.TimerHandle] = {}  # counter -> its next send
+        hub.watchers_changed = self.changed
+
+    def count(self, counter_id: str) -> int:
+        return self._hub.watchers(counter_id) + self.proxied(counter_id)
+
+    def proxied(self, counter_id: str) -> int:
+        """The subscribers Pushpin reports on the counter's channels, summed over its instances."""
+        reports = self._proxied.get(counter_id)
+        return sum(subscribers for subscribers, _ in reports.values()) if reports else 0
+
+    def changed(self, counter_id: str) -> None:
+        """A stream of the counter came or went: send its count, at once if it rested long enough."""
+        if counter_id in self._pending:
+            return  # the send that is scheduled takes the count as it is then
+        _, sent_at = self._sent.get(counter_id, (0, -math.inf))
+        delay = max(0.0, sent_at + WATCHERS_INTERVAL - time.monotonic())
+        self._pending[counter_id] = asyncio.get_running_loop().call_later(delay, self._send, counter_id)
+
+    def _send(self, counter_id: str) -> None:
+        del self._pending[counter_id]
+        count = self.count(counter_id)
+        if count == self._sent.get(counter_id, (0, 0))[0] or not self._exists(counter_id):
+            return
+        self._sent[counter_id] = (count, time.monotonic())
+        if count == 0:  # forgotten once it rested: a counter nobody watches takes no memory
+            asyncio.get_running_loop().call_later(WATCHERS_INTERVAL, self._forget, counter_id)
+        self._hub.publish(watchers_key(counter_id), count)
+        if self._grip is not None:
+            self._grip.publish(watchers_key(counter_id), count)
+
+    def _forget(self, counter_id: str) -> None:
+        if self._sent.get(counter_id, (None,))[0] == 0 and counter_id not in self._pending:
+            del self._sent[counter_id]
+
+    def reported(self, report: dict[str, Any]) -> None:
+        """A `sub` report from Pushpin's stats: one channel's subscribers on one Pushpin instance."""
+        counter_id = counted_channel(str(report["channel"]))
+        if counter_id is None:
+            return  # a watcher count's channel: its subscribers watch the count, not the counter
+        reports = self._proxied.setdefault(counter_id, {})
+        source = (str(report["from"]), str(report["channel"]))
+        if report.get("unavailable"):  # the last subscriber on that instance left
+            reports.pop(source, None)
+        else:
+            reports[source] = (int(report.get("subscribers", 1)), time.monotonic() + float(report["ttl"]))
+        if not reports:
+            del self._proxied[counter_id]
+        self.changed(counter_id)
+
+    def expire(self) -> None:
+        """Forget reports past their ttl: a Pushpin that went silent holds nobody any more."""
+        now = time.monotonic()
+        for counter_id, reports in list(self._proxied.items()):
+            for source, (_, expires) in list(reports.items()):
+                if expires < now:
+                    del reports[source]
+                    self.changed(counter_id)
+            if not reports:
+                del self._proxied[counter_id]
+
+
+def counted_channel(channel: str) -> str | None:
+    """The counter whose values a GRIP channel carries; None for any other channel."""
+    for multi in (False, True):
+        prefix = grip_channel("", multi)
+        if channel.startswith(prefix):
+            return channel[len(prefix):]
+    return None
+
+
+# Pushpin's stats socket (its stats_spec: a ZeroMQ PUB socket) reports each channel's subscribers per
+# instance: sent when they change (at most once a second), and again every 0.75 × ttl (45 s), with
+# "unavailable": true when the last one leaves. A message is one frame, "sub " then J and JSON or T
+# and a tnetstring (stats_format). ../shared/notes/pushpin.md has the details, read from Pushpin's source.
+
+STATS_EXPIRY_CHECK = 1.0  # seconds between checks for reports past their ttl
+
+
+async def read_pushpin_stats(endpoints: tuple[str, ...], presence: Presence) -> None:
+    """Subscribe to the `sub` reports of every Pushpin's stats socket, and keep presence told."""
+    zmq = import_zmq()
+    context = zmq.asyncio.Context()
+    sock = context.socket(zmq.SUB)
+    sock.setsockopt(zmq.SUBSCRIBE, b"sub ")
+    for endpoint in endpoints:
+        sock.connect(endpoint)
+    unreadable = False  # logged once: a Pushpin that sends what this can't read
+    try:
+        while True:
+            if await sock.poll(STATS_EXPIRY_CHECK * 1000):
+                message = await sock.recv()
+                try:
+                    presence.reported(stats_report(message))
+                except (ValueError, KeyError, TypeError) as error:
+                    if not unreadable:
+                        log.warning("a Pushpin stats message this can't read (%s): %.200r", error, message)
+                    unreadable = True
+            presence.expire()
+    finally:
+        sock.close(linger=0)
+        context.term()
+
+
+def import_zmq() -> Any:
+    """pyzmq, needed only for --grip-stats."""
+    try:
+        import zmq.asyncio
+    except ImportError:
+        raise ValueError("--grip-stats needs the ZeroMQ client pyzmq: pip install pyzmq") from None
+    return zmq
+
+
+def stats_report(message: bytes) -> dict[str, Any]:
+    """A `sub` stats message's fields: "sub J{...}" (JSON) or "sub T..." (a tnetstring)."""
+    kind, _, body = message.partition(b" ")
+    if kind != b"sub" or body[:1] not in (b"J", b"T"):
+        raise ValueError("not a sub report")
+    report = json.loads(body[1:]) if body[:1] == b"J" else tnetstring(body[1:])[0]
+    if not isinstance(report, dict):
+        raise TypeError("a report is a map")
+    return report
+
+
+def tnetstring(data: bytes) -> tuple[Any, bytes]:
+    """The first value of a tnetstring (Pushpin's default stats format), and what follows it."""
+    size, _, rest = data.partition(b":")
+    if not size.isdigit() or len(rest) <= int(size):
+        raise ValueError("a truncated tnetstring")
+    payload, kind, rest = rest[:int(size)], rest[int(size):int(size) + 1], rest[int(size) + 1:]
+    if kind in (b"]", b"}"):
+        items = []
+        while payload:
+            item, payload = tnetstring(payload)
+            items.append(item)
+        return (dict(zip(items[::2], items[1::2])) if kind == b"}" else items), rest
+    scalars = {b",": lambda: payload.decode("utf-8", "replace"), b"#": lambda: int(payload),
+               b"^": lambda: float(payload), b"!": lambda: payload == b"true", b"~": lambda: None}
+    if kind not in scalars:
+        raise ValueError(f"a tnetstring of unknown type {kind!r}")
+    return scalars[kind](), rest
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1092,6 +1299,7 @@ STORE = web.AppKey("store", CounterStore)
 HUB = web.AppKey("hub", ListenerHub)
 GRIP = web.AppKey("grip", GripPublisher | None)  # None without --grip-url
 POST_RATE = web.AppKey("post_rate", RateLimiter | None)  # None without --post-rate
+PRESENCE = web.AppKey("presence", Presence)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -1260,20 +1468,46 @@ async def get_counter(request: web.Request) -> web.StreamResponse:
     return await stream(request, [counter_id], multi=False)
 
 
+async def get_watchers(request: web.Request) -> web.StreamResponse:
+    """How many streams carry the counter's values now: like a counter's value, read or watched."""
+    counter_id = readable_counter_id(request)
+    media_type = preferred_format(request)
+    if media_type == "text/event-stream":
+        return await stream(request, [watchers_key(counter_id)], multi=False)
+    watchers = request.app[PRESENCE].count(counter_id)
+    if media_type == "application/json":
+        return web.json_response({"id": counter_id, "watchers": watchers}, headers={"Cache-Control": "no-cache"})
+    return web.Response(body=b"%d\n" % watchers, headers=VALUE_HEADERS)
+
+
+def value_on_channel(app: web.Application, key: str) -> int | None:
+    """A channel's value as its listeners know it: a counter's (None if it doesn't exist for them,
+    see announced_value), or a counter's watcher count."""
+    counter_id = key.removeprefix(WATCHERS)
+    value = app[STORE].announced_value(counter_id)
+    if value is None or counter_id == key:
+        return value
+    return app[PRESENCE].count(counter_id)
+
+
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-async def stream(request: web.Request, counter_ids: list[str], *, multi: bool) -> web.StreamResponse:
-    """The counters' current values, then every change, until the client leaves or the server stops."""
+async def stream(request: web.Request, keys: list[str], *, multi: bool) -> web.StreamResponse:
+    """The channels' current values (counters' values or watcher counts, see WATCHERS), then every
+    change, until the client leaves or the server stops."""
     if request.method == "HEAD":
         return web.Response(headers=SSE_HEADERS)
-    # The first frames: what the counters' listeners know now (a change while the headers go out
+    # The first frames: what the channels' listeners know now (a change while the headers go out
     # reaches the stream when the hub registers it, see take_over).
-    store = request.app[STORE]
-    first = {counter_id: store.announced_value(counter_id) for counter_id in counter_ids}
-    for counter_id, value in first.items():
+    value_of = functools.partial(value_on_channel, request.app)
+    first = {key: value_of(key) for key in keys}
+    for key, value in first.items():
         if value is None:  # in durable mode, a counter whose creation isn't on disk yet
-            unknown_counter(counter_id)
+            unknown_counter(key.removeprefix(WATCHERS))
+    for key in keys:  # a stream of a counter and its watcher count counts itself (see _register)
+        if watchers_key(key) in first:
+            first[watchers_key(key)] += 1
     signature = request.headers.get("Grip-Sig")
     if signature and request.app[GRIP] and grip_sig_valid(signature, request.app[SETTINGS].grip_key):
         return held_by_pushpin(request, first, multi)
@@ -1306,7 +1540,7 @@ async def stream(request: web.Request, counter_ids: list[str], *, multi: bool) -
         # does the chunking).
         await response.write(retry_field(settings.reconnect_window)
                              + encode_values(first, stream_style(multi=multi, chunked=False)))
-        await hub.take_over(listener, transport, first, store.announced_value)
+        await hub.take_over(listener, transport, first, value_of)
     except ConnectionError:
         pass  # the client left: not a failure
     finally:
@@ -1325,7 +1559,7 @@ def held_by_pushpin(request: web.Request, first: dict[str, int], multi: bool) ->
     return web.Response(
         body=retry_field(settings.reconnect_window) + encode_values(first, stream_style(multi=multi, chunked=False)),
         headers={**SSE_HEADERS, "Grip-Hold": "stream",
-                 "Grip-Channel": ", ".join(grip_channel(counter_id, multi) for counter_id in first),
+                 "Grip-Channel": ", ".join(grip_channel(key, multi) for key in first),
                  "Grip-Keep-Alive": f":\\n\\n; format=cstring; timeout={keepalive}"})
 
 
@@ -1374,13 +1608,16 @@ async def made_durable(store: CounterStore, counter_id: str) -> None:
 
 
 def announce(hub: ListenerHub, grip: GripPublisher | None, counter_id: str, value: int | None) -> None:
-    """Tell the counter's listeners, here and on Pushpin, its value now (None: it is gone)."""
+    """Tell the counter's listeners, here and on Pushpin, its value now (None: it is gone, and the
+    streams of its watcher count end too)."""
     if value is None:
         hub.drop(counter_id)
     else:
         hub.publish(counter_id, value)
     if grip is not None:
         grip.publish(counter_id, value)
+        if value is None:
+            grip.publish(watchers_key(counter_id), None)
 
 
 def require_admin(request: web.Request) -> None:
@@ -1497,18 +1734,24 @@ async def listing_in_slices(request: web.Request, counter_ids: list[str], header
 
 
 async def stream_counters(request: web.Request) -> web.StreamResponse:
-    """One stream for the counters in ?ids=: a counter event for each at the start and per change."""
+    """One stream for the counters in ?ids=: a counter event for each at the start and per change;
+    with watchers=1 also a watchers event for each, at the start and when its count changes."""
     counter_ids = list(dict.fromkeys(request.query.get("ids", "").split(",")))  # once each, in order
     if counter_ids == [""]:
         abort(web.HTTPBadRequest, "name the counters to stream: ?ids=1,2,3")
     if len(counter_ids) > MAX_STREAM_IDS:
         abort(web.HTTPBadRequest, f"too many ids: one stream takes at most {MAX_STREAM_IDS}")
+    watchers = request.query.get("watchers", "0")
+    if watchers not in ("0", "1"):
+        abort(web.HTTPBadRequest, "watchers must be 1 (send the counters' watcher counts too) or 0")
     store = request.app[STORE]
     for counter_id in counter_ids:
         if not COUNTER_ID.fullmatch(counter_id):
             abort(web.HTTPBadRequest, f"invalid counter id {counter_id!r}: {ID_RULE}")
         if not store.readable(counter_id):
             unknown_counter(counter_id)
+    if watchers == "1":
+        counter_ids += [watchers_key(counter_id) for counter_id in counter_ids]
     return await stream(request, counter_ids, multi=True)
 
 
@@ -1608,6 +1851,9 @@ def create_app(data_path: str | os.PathLike[str] = Settings.data_path, **options
         settings.data_path, load_counters(settings.data_path), save_interval=settings.save_interval,
         durable=settings.durable, auto_create=settings.auto_create, max_counters=settings.max_counters,
         announce_durable=lambda counter_id, value: announce(hub, grip, counter_id, value))
+    app[PRESENCE] = Presence(hub, grip, exists=lambda counter_id: app[STORE].announced_value(counter_id) is not None)
+    if settings.grip_stats:
+        import_zmq()  # missing, it is said at the start, not when the first report would come
     app[POST_RATE] = (RateLimiter(settings.post_rate, burst=max(1.0, 2 * settings.post_rate))
                       if settings.post_rate else None)
     # The route's pattern is the id rule: aiohttp's own match checks it, no check of ours runs per POST.
@@ -1616,8 +1862,11 @@ def create_app(data_path: str | os.PathLike[str] = Settings.data_path, **options
         ((counter_path + "/", counter_path),
          {"GET": get_counter, "HEAD": get_counter, "POST": increment_handler(app), "PUT": set_counter,
           "DELETE": delete_counter, "OPTIONS": preflight}),
+        ((counter_path + "/watchers/", counter_path + "/watchers"),
+         {"GET": get_watchers, "HEAD": get_watchers, "OPTIONS": preflight}),
         # Only ids the counter routes refused get here: 400 whatever the method (a preflight still passes).
-        (("/counters/{counter_id}/", "/counters/{counter_id}"), {"OPTIONS": preflight, "*": invalid_counter_id}),
+        (("/counters/{counter_id}/", "/counters/{counter_id}", "/counters/{counter_id}/{resource:watchers/?}"),
+         {"OPTIONS": preflight, "*": invalid_counter_id}),
         (("/counters/", "/counters"), {"GET": list_counters, "HEAD": list_counters, "OPTIONS": preflight}),
         (("/healthz", "/healthz/"), {"GET": health, "HEAD": health, "OPTIONS": preflight}),
         (("/metrics", "/metrics/"), {"GET": metrics, "HEAD": metrics, "OPTIONS": preflight}),
@@ -1645,6 +1894,8 @@ async def run_background_work(app: web.Application):
     tasks = [asyncio.create_task(app[STORE].run_saves()), asyncio.create_task(app[HUB].run_sweeps())]
     if app[GRIP] is not None:
         tasks.append(asyncio.create_task(app[GRIP].run()))
+    if app[SETTINGS].grip_stats:
+        tasks.append(asyncio.create_task(read_pushpin_stats(app[SETTINGS].grip_stats, app[PRESENCE])))
     yield
     for task in tasks:
         task.cancel()

@@ -7,6 +7,7 @@ about start-up, shutdown, restarts and crashes run `python livecounter.py` as a 
 import asyncio
 import dataclasses
 import json
+import math
 import os
 import random
 import re
@@ -15,6 +16,7 @@ import signal
 import socket
 import subprocess
 import threading
+import types
 import sys
 import time
 
@@ -816,6 +818,146 @@ async def test_the_last_save_timestamp_is_the_start_until_a_save(make_client):
     assert started - 1 <= timestamp <= time.time()
 
 
+# --- who's watching, and badges ---------------------------------------------------------------------
+
+async def watchers_of(client, counter_id="2"):
+    response = await client.get(f"/counters/{counter_id}/watchers/")
+    assert response.status == 200, await response.text()
+    return int(await response.text())
+
+
+async def test_watchers_are_the_open_streams_that_carry_a_counter(client):
+    assert await watchers_of(client) == 0
+    single = await client.get("/counters/2/", headers=SSE)
+    await read_frame(single)
+    await wait_until(lambda: watchers_of(client), message="a single stream counts")
+    multi = await client.get("/counters/?ids=2,3", headers=SSE)
+    await read_frame(multi)
+    count_stream = await client.get("/counters/2/watchers/", headers=SSE)  # doesn't count
+    await read_frame(count_stream)
+    await wait_until(lambda: watchers_of(client, "3"))
+    assert (await watchers_of(client), await watchers_of(client, "3")) == (2, 1)
+    response = await client.get("/counters/2/watchers", headers={"Accept": "application/json"})
+    assert (await response.json(), response.headers["Cache-Control"]) == ({"id": "2", "watchers": 2}, "no-cache")
+    single.close()
+    await wait_until(lambda: _equals(watchers_of(client), 1), message="a stream that closed is uncounted")
+    multi.close()
+    await wait_until(lambda: _equals(watchers_of(client, "3"), 0))
+    assert await watchers_of(client) == 0
+    count_stream.close()
+
+
+async def _equals(awaitable, expected):
+    return await awaitable == expected
+
+
+async def test_the_watchers_resource_answers_like_a_counter(make_client):
+    client = await make_client()
+    assert (await client.get("/counters/nope/watchers/")).status == 404
+    for method in ("POST", "PUT", "DELETE"):
+        response = await client.request(method, "/counters/2/watchers/")
+        assert response.status == 405, method
+        assert response.headers["Allow"] == "GET,HEAD,OPTIONS"
+    response = await client.head("/counters/2/watchers/")
+    assert (response.status, await response.read()) == (200, b"")
+    response = await client.options("/counters/2/watchers/")
+    assert response.status == 204
+    assert (await client.get("/counters/bad%20id/watchers/")).status == 400
+    auto = await make_client(auto_create=True)
+    assert (await auto.get("/counters/anything/watchers/")).status == 200
+    assert await watchers_of(auto, "anything") == 0
+
+
+async def test_a_stream_of_the_watcher_count_gets_each_change_at_most_twice_a_second(data_file):
+    """1,000 streams arrive, then leave: the count's stream gets a few frames, not 1,000, at most one
+    every half second, and the last one is exact."""
+    server = await Server(data_file, "--max-listeners-per-ip", "2000").start()
+    counts = await client_of_counts(server.port)
+    arrivals = [await open_raw(server.port, sse_request("/counters/2/")) for _ in range(1000)]
+    await wait_until(lambda: counts.values[-1] == 1000, timeout=10, message="the final count goes out")
+    for sock in arrivals[:500]:
+        sock.close()
+    await wait_until(lambda: counts.values[-1] == 500, timeout=5)
+    for sock in arrivals[500:]:
+        sock.close()
+    await wait_until(lambda: counts.values[-1] == 0, timeout=5)
+    await asyncio.sleep(0.6)  # nothing more comes
+    counts.reader.cancel()
+    assert counts.values[0] == 0
+    assert 3 <= len(counts.values) <= 12, counts.values  # not 2,000
+    gaps = [later - earlier for earlier, later in zip(counts.times[1:], counts.times[2:])]
+    assert all(gap > 0.45 for gap in gaps), gaps  # after the first, one frame per half second at most
+    await server.stop()
+
+
+async def client_of_counts(port, path="/counters/2/watchers/"):
+    """A stream of a watcher count, read as it comes: .values and the .times they arrived."""
+    sock = await open_raw(port, sse_request(path))
+    counts = types.SimpleNamespace(values=[], times=[])
+    loop = asyncio.get_running_loop()
+
+    async def read():
+        received = b""
+        while data := await loop.sock_recv(sock, 65536):
+            received += data
+            for value in re.findall(rb"data: (\d+)\n\n", received):
+                counts.values.append(int(value))
+                counts.times.append(loop.time())
+            received = received.rpartition(b"\n\n")[2]
+    counts.reader = asyncio.create_task(read())
+    await wait_until(lambda: counts.values, message="the first count")
+    return counts
+
+
+async def test_frozen_vanished_and_deleted_streams_in_the_count(make_client):
+    client = await make_client(admin_token="secret")
+    frozen = await open_raw(client, sse_request("/counters/2/"), rcvbuf=2048)  # never read
+    vanished = await open_raw(client, sse_request("/counters/2/"))
+    count_stream = await client.get("/counters/2/watchers/", headers=SSE)
+    await wait_until(lambda: _equals(watchers_of(client), 2), message="frozen or not, an open stream counts")
+    vanished.close()
+    await wait_until(lambda: _equals(watchers_of(client), 1), message="a client that vanished is uncounted")
+    response = await client.delete("/counters/2/", headers={"Authorization": "Bearer secret"})
+    assert response.status == 204
+    assert await asyncio.wait_for(count_stream.content.read(), 5)  # the count's stream ends too
+    assert count_stream.content.at_eof()
+    assert (await client.get("/counters/2/watchers/")).status == 404
+    frozen.close()
+
+
+async def test_a_multi_stream_with_watchers_sends_each_count_and_counts_itself(client):
+    sock = await open_raw(client, sse_request("/counters/?ids=2,3&watchers=1"))
+    received = await recv_until(sock, b'{"id": "3", "watchers": 1}\n\n')
+    body = received.partition(b"\r\n\r\n")[2]
+    first_chunk(body, b'event: counter\ndata: {"id": "2", "value": 0}\n\n'
+                      b'event: counter\ndata: {"id": "3", "value": 0}\n\n'
+                      b'event: watchers\ndata: {"id": "2", "watchers": 1}\n\n'
+                      b'event: watchers\ndata: {"id": "3", "watchers": 1}\n\n')
+    other = await client.get("/counters/2/", headers=SSE)
+    await read_frame(other)
+    received = await recv_until(sock, b"\n\n\r\n")
+    assert received.split(b"\r\n")[1] == b'event: watchers\ndata: {"id": "2", "watchers": 2}\n\n', received
+    await client.post("/counters/3/")
+    received = await recv_until(sock, b"\n\n\r\n")
+    assert received.split(b"\r\n")[1] == b'event: counter\ndata: {"id": "3", "value": 1}\n\n', received
+    plain = await client.get("/counters/?ids=2,3", headers=SSE)  # without watchers=1: as before
+    await read_retry(plain)
+    assert await read_frame(plain) == b'event: counter\ndata: {"id": "2", "value": 0}\n\n'
+    assert await read_frame(plain) == b'event: counter\ndata: {"id": "3", "value": 1}\n\n'
+    response = await client.get("/counters/?ids=2&watchers=yes", headers=SSE)
+    assert (response.status, await response.text()) == (400, "watchers must be 1 (send the counters' watcher "
+                                                              "counts too) or 0\n")
+    sock.close()
+
+
+async def test_a_shutdown_ends_the_streams_of_watcher_counts(data_file):
+    server = await Server(data_file).start()
+    sock = await open_raw(server.port, sse_request("/counters/2/watchers/"))
+    await recv_until(sock, b"data: 0\n\n")
+    assert await server.stop() == 0
+    assert (await recv_all(sock)).endswith(b"0\r\n\r\n")
+
+
 # --- embedding -------------------------------------------------------------------------------------
 
 async def test_it_mounts_as_a_sub_app(aiohttp_client, data_file):
@@ -1097,6 +1239,16 @@ async def test_the_access_log_is_on_unless_turned_off(data_file):
         log = server.log.read_text()
         server.log.unlink()
         assert ('"POST /counters/5/ HTTP/1.1" 200' in log and '"probe/1"' in log) == logged, log
+
+
+async def test_without_pyzmq_grip_stats_says_what_is_missing(data_file, tmp_path):
+    (tmp_path / "zmq.py").write_text("raise ImportError('no zmq here')\n")  # shadows the installed one
+    server = Server(data_file, "--grip-stats", "ipc:///nowhere", env={"PYTHONPATH": str(tmp_path)})
+    process = await asyncio.create_subprocess_exec(*server.command, *server.args, env=server.env,
+                                                   stderr=asyncio.subprocess.PIPE)
+    _, stderr = await asyncio.wait_for(process.communicate(), 10)
+    assert process.returncode == 2
+    assert stderr.decode() == "livecounter: --grip-stats needs the ZeroMQ client pyzmq: pip install pyzmq\n"
 
 
 def test_the_command_line_wins_over_the_environment_for_grip_urls(monkeypatch):

@@ -437,3 +437,74 @@ async def test_a_multi_stream_url_up_to_condures_4096_byte_uri_goes_through_push
             last = at_cap.rsplit(",", 1)[1]
             await session.post(f"{origin.url}/counters/{last}/")
             assert await read_frame(held) == b'event: counter\ndata: {"id": "%s", "value": 1}\n\n' % last.encode()
+
+
+# --- who's watching through Pushpin: its stats socket ------------------------------------------------
+
+@contextlib.asynccontextmanager
+async def with_stats(tmp_path, data_file, handler=None):
+    """livecounter behind a private Pushpin, reading its stats socket (Debian's stats_spec, an ipc path
+    in the run dir): (origin, pushpin, session)."""
+    stats = f"ipc://{tmp_path}/run/pushpin-stats"
+    async with behind_pushpin(tmp_path, data_file, "--grip-stats", stats, handler=handler) as (origin, pushpin):
+        async with aiohttp.ClientSession() as session:
+            yield origin, pushpin, session
+
+
+async def watchers(session, origin, counter_id="2"):
+    return int(await (await session.get(f"{origin.url}/counters/{counter_id}/watchers/")).text())
+
+
+async def test_streams_held_by_pushpin_count_as_watchers(tmp_path, data_file):
+    async with with_stats(tmp_path, data_file) as (origin, pushpin, session):
+        # The count's own stream, held by Pushpin too (it doesn't count: it watches the count).
+        counts = await session.get(f"{pushpin.url}/counters/2/watchers/", headers=SSE)
+        assert await read_frame(counts) == frame(0)
+        proxied = await session.get(f"{pushpin.url}/counters/2/", headers=SSE)
+        await read_frame(proxied)
+        assert await read_until_value(counts, 1, timeout=5) == [1]  # Pushpin reported it; published back
+        multi = await session.get(f"{pushpin.url}/counters/?ids=2,3&watchers=1", headers=SSE)
+        assert await read_frame(multi) == b'event: counter\ndata: {"id": "2", "value": 0}\n\n'
+        assert await read_frame(multi) == b'event: counter\ndata: {"id": "3", "value": 0}\n\n'
+        assert await read_frame(multi) == b'event: watchers\ndata: {"id": "2", "watchers": 2}\n\n'  # itself
+        assert await read_frame(multi) == b'event: watchers\ndata: {"id": "3", "watchers": 1}\n\n'
+        direct = await session.get(f"{origin.url}/counters/2/", headers=SSE)  # held by livecounter: added
+        await read_frame(direct)
+        assert (await read_until_value(counts, 3, timeout=5))[-1] == 3  # 2 and 3 may come as one
+        assert await asyncio.wait_for(multi.content.readuntil(b'"watchers": 3}\n\n'), 5)
+        assert await watchers(session, origin, "3") == 1
+
+        proxied.close()
+        multi.close()
+        direct.close()
+        # Pushpin says at once when a channel's last subscriber leaves ("unavailable").
+        assert (await read_until_value(counts, 0, timeout=5))[-1] == 0
+        assert await watchers(session, origin, "3") == 0
+        assert "livecounter_listeners 0\n" in await (await session.get(f"{origin.url}/metrics")).text()
+
+
+async def test_a_pushpin_gone_silent_stops_counting_after_its_ttl(tmp_path, data_file):
+    async with with_stats(tmp_path, data_file, handler={"stats_subscription_ttl": "3"}) as (origin, pushpin, session):
+        proxied = await session.get(f"{pushpin.url}/counters/5/", headers=SSE)
+        await read_frame(proxied)
+        await wait_until(lambda: _is(watchers(session, origin, "5"), 1), message="Pushpin's report came")
+        handlers = [pid for pid in filter(str.isdigit, os.listdir("/proc"))
+                    if str(tmp_path).encode() in (command := Path(f"/proc/{pid}/cmdline").read_bytes())
+                    and b"pushpin-handler" in command]
+        assert handlers
+        for pid in handlers:  # hung: no goodbye, its reports just stop
+            os.kill(int(pid), signal.SIGSTOP)
+        try:
+            proxied.close()
+            started = time.monotonic()
+            await wait_until(lambda: _is(watchers(session, origin, "5"), 0), timeout=8,
+                             message="a silent Pushpin's subscribers are forgotten after the ttl")
+            assert time.monotonic() - started > 1  # not at once: a report holds for its ttl
+        finally:
+            for pid in handlers:
+                os.kill(int(pid), signal.SIGCONT)
+
+
+async def _is(awaitable, expected):
+    return await awaitable == expected
+
