@@ -36,6 +36,7 @@ import dataclasses
 import functools
 import gc
 import hmac
+import html
 import itertools
 import json
 import logging
@@ -1448,6 +1449,63 @@ def allowing_origin(origin: str, handler: Handler) -> Handler:
     return answer
 
 
+# A badge: a counter's value (or watcher count) as a flat SVG image in the style of shields.io, for
+# pages that run no script (a README). Text widths are Verdana's at 11 px, and textLength holds each
+# text to its box in whatever font the viewer has, so nothing is clipped.
+
+BADGE_STYLES = ("flat", "flat-square")
+MAX_LABEL = 40  # characters
+VERDANA_11PX = dict(zip(
+    " !\"#$%&'()*+,-./0123456789:;<=>?@ABCDEFGHIJKLMNOPQRSTUVWXYZ[\\]^_`abcdefghijklmnopqrstuvwxyz{|}~",
+    (3.9, 4.7, 5.6, 9.2, 7.0, 12.1, 8.0, 3.0, 5.0, 5.0, 7.0, 9.2, 4.0, 5.0, 4.0, 5.0, 7.0, 7.0, 7.0, 7.0,
+     7.0, 7.0, 7.0, 7.0, 7.0, 7.0, 5.0, 5.0, 9.2, 9.2, 9.2, 6.1, 11.0, 7.5, 7.5, 7.7, 8.5, 7.0, 6.3, 8.5,
+     8.3, 4.6, 5.0, 7.6, 6.1, 9.3, 8.2, 8.7, 6.6, 8.7, 7.6, 7.5, 6.8, 8.1, 7.5, 10.9, 7.5, 6.8, 7.5, 5.0,
+     5.0, 5.0, 9.2, 7.0, 7.0, 6.7, 6.9, 5.7, 6.9, 6.6, 3.8, 6.9, 7.0, 3.0, 3.8, 6.5, 3.0, 10.7, 7.0, 6.7,
+     6.9, 6.9, 4.7, 5.7, 4.3, 7.0, 6.5, 9.0, 6.5, 6.5, 5.8, 7.0, 5.0, 7.0, 9.2)))
+WIDEST = 12.1  # for any other character: better a little room than a clipped text
+BADGE_HEADERS = {"Content-Type": "image/svg+xml", "Cache-Control": "no-cache, max-age=0",
+                 # GitHub's image proxy (camo) keeps an image unless it expired: this one always has.
+                 "Expires": "Thu, 01 Jan 1970 00:00:00 GMT"}
+
+
+def text_width(text: str) -> float:
+    return sum(VERDANA_11PX.get(character, WIDEST) for character in text)
+
+
+def badge_response(request: web.Request, label: str, value: int, color: str) -> web.Response:
+    """A badge of value (with thousands separators) under ?label= (or label), in ?style= (flat)."""
+    label = request.query.get("label", label)
+    if not 1 <= len(label) <= MAX_LABEL or not label.isprintable():
+        abort(web.HTTPBadRequest, f"label must be 1 to {MAX_LABEL} printable characters")
+    style = request.query.get("style", BADGE_STYLES[0])
+    if style not in BADGE_STYLES:
+        abort(web.HTTPBadRequest, f"style must be one of {', '.join(BADGE_STYLES)}")
+    return web.Response(body=badge_svg(label, f"{value:,}", color, rounded=style == "flat"), headers=BADGE_HEADERS)
+
+
+def badge_svg(label: str, text: str, color: str, *, rounded: bool) -> bytes:
+    """A two-part badge: label on grey, text on color, each centred in its box with 5 px to spare."""
+    label_width, text_width_ = round(text_width(label)), round(text_width(text))
+    left, right = label_width + 10, text_width_ + 10
+    width = left + right
+    title = html.escape(f"{label}: {text}")
+    label, text = html.escape(label), html.escape(text)
+    shade = ('<linearGradient id="s" x2="0" y2="100%"><stop offset="0" stop-color="#bbb" stop-opacity=".1"/>'
+             '<stop offset="1" stop-opacity=".1"/></linearGradient>') if rounded else ""
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="20" role="img" '
+            f'aria-label="{title}"><title>{title}</title>{shade}'
+            f'<clipPath id="r"><rect width="{width}" height="20" rx="{3 if rounded else 0}" fill="#fff"/></clipPath>'
+            f'<g clip-path="url(#r)"><rect width="{left}" height="20" fill="#555"/>'
+            f'<rect x="{left}" width="{right}" height="20" fill="{color}"/>'
+            + (f'<rect width="{width}" height="20" fill="url(#s)"/>' if rounded else "") +
+            '</g><g fill="#fff" text-anchor="middle" font-family="Verdana,Geneva,DejaVu Sans,sans-serif" '
+            'font-size="11" lengthAdjust="spacingAndGlyphs">'
+            f'<text x="{left / 2}" y="15" fill="#010101" fill-opacity=".3" textLength="{label_width}">{label}</text>'
+            f'<text x="{left / 2}" y="14" textLength="{label_width}">{label}</text>'
+            f'<text x="{left + right / 2}" y="15" fill="#010101" fill-opacity=".3" textLength="{text_width_}">{text}</text>'
+            f'<text x="{left + right / 2}" y="14" textLength="{text_width_}">{text}</text></g></svg>').encode()
+
+
 def refusing_other_methods(allowed: list[str]) -> Handler:
     """The answer on a path to any method but `allowed`: 405, with Allow and a one-line reason."""
     async def wrong_method(request: web.Request) -> web.StreamResponse:
@@ -1478,6 +1536,17 @@ async def get_watchers(request: web.Request) -> web.StreamResponse:
     if media_type == "application/json":
         return web.json_response({"id": counter_id, "watchers": watchers}, headers={"Cache-Control": "no-cache"})
     return web.Response(body=b"%d\n" % watchers, headers=VALUE_HEADERS)
+
+
+async def counter_badge(request: web.Request) -> web.Response:
+    """The counter's value as a badge. Showing it doesn't count a view: a page counts with a POST."""
+    counter_id = readable_counter_id(request)
+    return badge_response(request, "views", request.app[STORE].value(counter_id), "#4c1")
+
+
+async def watchers_badge(request: web.Request) -> web.Response:
+    counter_id = readable_counter_id(request)
+    return badge_response(request, "watching", request.app[PRESENCE].count(counter_id), "#007ec6")
 
 
 def value_on_channel(app: web.Application, key: str) -> int | None:
@@ -1864,8 +1933,10 @@ def create_app(data_path: str | os.PathLike[str] = Settings.data_path, **options
           "DELETE": delete_counter, "OPTIONS": preflight}),
         ((counter_path + "/watchers/", counter_path + "/watchers"),
          {"GET": get_watchers, "HEAD": get_watchers, "OPTIONS": preflight}),
+        ((counter_path + "/badge.svg",), {"GET": counter_badge, "HEAD": counter_badge, "OPTIONS": preflight}),
+        ((counter_path + "/watchers/badge.svg",), {"GET": watchers_badge, "HEAD": watchers_badge, "OPTIONS": preflight}),
         # Only ids the counter routes refused get here: 400 whatever the method (a preflight still passes).
-        (("/counters/{counter_id}/", "/counters/{counter_id}", "/counters/{counter_id}/{resource:watchers/?}"),
+        (("/counters/{counter_id}/", "/counters/{counter_id}", "/counters/{counter_id}/{resource:watchers/?|badge\\.svg|watchers/badge\\.svg}"),
          {"OPTIONS": preflight, "*": invalid_counter_id}),
         (("/counters/", "/counters"), {"GET": list_counters, "HEAD": list_counters, "OPTIONS": preflight}),
         (("/healthz", "/healthz/"), {"GET": health, "HEAD": health, "OPTIONS": preflight}),

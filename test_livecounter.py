@@ -958,6 +958,52 @@ async def test_a_shutdown_ends_the_streams_of_watcher_counts(data_file):
     assert (await recv_all(sock)).endswith(b"0\r\n\r\n")
 
 
+def parsed_badge(svg: bytes):
+    import xml.etree.ElementTree as ElementTree
+    root = ElementTree.fromstring(svg)
+    texts = [element.text for element in root.iter("{http://www.w3.org/2000/svg}text")]
+    return root, texts
+
+
+async def test_a_badge_shows_the_value_and_never_counts(make_client):
+    client = await make_client(admin_token="secret")
+    await client.put("/counters/2/", json={"value": 1234567}, headers={"Authorization": "Bearer secret"})
+    for _ in range(3):
+        response = await client.get("/counters/2/badge.svg")
+    assert response.status == 200
+    assert response.headers["Content-Type"] == "image/svg+xml"
+    assert response.headers["Cache-Control"] == "no-cache, max-age=0"
+    assert response.headers["Expires"] == "Thu, 01 Jan 1970 00:00:00 GMT"
+    root, texts = parsed_badge(await response.read())
+    assert texts == ["views", "views", "1,234,567", "1,234,567"]
+    assert await (await client.get("/counters/2/")).text() == "1234567\n"  # seeing it counted nothing
+
+    response = await client.get("/counters/2/badge.svg", params={"label": 'a <"&"> b', "style": "flat-square"})
+    root, texts = parsed_badge(await response.read())
+    assert texts[0] == 'a <"&"> b' and root.find("{http://www.w3.org/2000/svg}title").text == 'a <"&"> b: 1,234,567'
+    assert 'rx="0"' in (await response.text())
+    for query, reason in [({"label": "x" * 41}, "label must be 1 to 40 printable characters\n"),
+                          ({"label": ""}, "label must be 1 to 40 printable characters\n"),
+                          ({"label": "a\x01"}, "label must be 1 to 40 printable characters\n"),
+                          ({"style": "3d"}, "style must be one of flat, flat-square\n")]:
+        response = await client.get("/counters/2/badge.svg", params=query)
+        assert (response.status, await response.text()) == (400, reason), query
+    assert (await client.get("/counters/nope/badge.svg")).status == 404
+    assert (await client.post("/counters/2/badge.svg")).status == 405
+    response = await client.head("/counters/2/badge.svg")
+    assert (response.status, await response.read()) == (200, b"")
+
+
+async def test_a_badge_of_the_watcher_count(client):
+    stream = await client.get("/counters/2/", headers=SSE)
+    await read_frame(stream)
+    await wait_until(lambda: _equals(watchers_of(client), 1))
+    response = await client.get("/counters/2/watchers/badge.svg")
+    assert response.headers["Content-Type"] == "image/svg+xml"
+    assert parsed_badge(await response.read())[1] == ["watching", "watching", "1", "1"]
+    stream.close()
+
+
 # --- embedding -------------------------------------------------------------------------------------
 
 async def test_it_mounts_as_a_sub_app(aiohttp_client, data_file):
