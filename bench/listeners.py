@@ -9,6 +9,7 @@ first value come in one packet, nchan starts with a ": hi" comment), then takes 
 one per line:
 
     wait V     print the monotonic time at which every stream had seen a value >= V ("time T")
+    frames     print how many "data: " lines the streams received in all ("frames N")
     close      close every stream and exit
 
 With "storm" (browsers reconnecting after a restart), it prints "set" once it runs, opens all N
@@ -53,6 +54,7 @@ class Stream(asyncio.Protocol):
         self.transport = transport
 
     def data_received(self, data: bytes) -> None:
+        self.tracker.frames += data.count(b"data: ")
         buffer = self.tail + data
         self.tail = buffer[-TAIL:]
         if not self.opened:
@@ -88,6 +90,7 @@ class Tracker:
         self.storm = storm  # a stream is open once it has a value, not at its first block
         self.open = 0
         self.lost = 0
+        self.frames = 0  # "data: " lines received, all streams together
         self.target: int | None = None  # the value a "wait" waits for; None while none runs
         self.reached = 0
         self.reached_at = 0.0
@@ -165,6 +168,8 @@ async def main(host: str, port: int, path: str, count: int, wave: int | None) ->
             except asyncio.TimeoutError:  # 3.10: not the builtin TimeoutError
                 print(f"timeout {tracker.reached}/{count} lost={tracker.lost}", flush=True)
             tracker.expect(None)
+        elif line[0] == "frames":
+            print(f"frames {tracker.frames}", flush=True)
         elif line[0] == "close":
             break
     for transport in transports:

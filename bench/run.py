@@ -217,8 +217,15 @@ class Listeners:
         if any(answer[:1] != ["ready"] for answer in answers):
             raise RuntimeError(f"listeners did not connect: {answers}")
         if storm:
-            self.storm_seconds = (max(float(answer[2]) for answer in answers)
-                                  - min(float(answer[1]) for answer in answers))
+            self.storm_started = min(float(answer[1]) for answer in answers)
+            self.storm_seconds = max(float(answer[2]) for answer in answers) - self.storm_started
+
+    def frames(self) -> int:
+        """How many "data: " lines the streams received so far, all together."""
+        for process in self.processes:
+            process.stdin.write("frames\n")
+            process.stdin.flush()
+        return sum(int(process.stdout.readline().split()[1]) for process in self.processes)
 
     def all_have(self, value: int) -> float:
         """The monotonic time at which the last stream had value (or a later one)."""
@@ -494,6 +501,37 @@ def reconnect_storm(workdir: Path, count: int, rounds: int) -> dict:
             server.stop()
 
 
+def storm_with_presence(workdir: Path, count: int, watchers: int, rounds: int) -> dict:
+    """8b: the storm of row 8 on livecounter alone, with `watchers` streams of counter 1's watcher
+    count open and without, in alternating order: the time until every stream has its first value,
+    the server's CPU for the storm, and with watchers, the frames they got in all and the time from
+    the storm's start until every one of them shows the exact count."""
+    server = livecounter("uvloop", workdir)
+    runs: dict[str, list[float]] = {}
+    try:
+        for burst in range(rounds):
+            for with_watchers in in_turn([True, False], burst):
+                counts = Listeners(server, watchers, path="/counters/1/watchers/") if with_watchers else None
+                frames_before = counts.frames() if counts else 0
+                cpu = cpu_seconds(server.cpu_pid)
+                listeners = Listeners(server, count, storm=True)
+                exact_at = counts.all_have(count) if counts else 0.0
+                cpu = cpu_seconds(server.cpu_pid) - cpu
+                name = "with" if with_watchers else "without"
+                runs.setdefault(f"{name} seconds", []).append(listeners.storm_seconds)
+                runs.setdefault(f"{name} cpu", []).append(cpu)
+                if counts:
+                    runs.setdefault("frames per watcher", []).append((counts.frames() - frames_before) / watchers)
+                    runs.setdefault("exact after", []).append(exact_at - listeners.storm_started)
+                    counts.close()
+                listeners.close()
+                _all_closed(server)
+            runs.setdefault("ratio", []).append(runs["with seconds"][-1] / runs["without seconds"][-1])
+        return medians_and_spreads(runs)
+    finally:
+        server.stop()
+
+
 def _all_closed(server: Server) -> None:
     """Wait until the server has let go of the streams just closed (livecounter says so; nchan gets a
     second), then settle."""
@@ -600,8 +638,8 @@ def shown(value: float, digits: int) -> float:
 
 
 def report(quick: bool, inc: dict, cost: dict, instructions: dict, durable: dict, broadcasts: dict, hot: dict,
-           scaled: dict, many: dict, storms: dict, sizes: dict, *, day: str | None = None,
-           where: str | None = None) -> str:
+           scaled: dict, many: dict, storms: dict, storms_with_presence: dict, sizes: dict, *,
+           day: str | None = None, where: str | None = None) -> str:
     """The table in Markdown: a line naming the run and the machine, then one row per figure; a row
     with a target says "met" or "not met". day and where default to today and this machine."""
     day = day or datetime.date.today().isoformat()
@@ -677,6 +715,16 @@ def report(quick: bool, inc: dict, cost: dict, instructions: dict, durable: dict
                  "livecounter uvloop vs nginx+nchan",
             f"{storm['livecounter uvloop']:.2f} s vs {storm['nginx+nchan']:.2f} s: "
             f"**{storm['ratio']:.2f}×**{spread(storm, 'ratio')}", "≤ 1.0×", shown(storm["ratio"], 2) <= 1.0)
+    presence = storms_with_presence
+    frames_bound = 2 + 2 * presence["exact after"]  # the first count, then at most two a second
+    row("8b", f"reconnect storm of {sizes['presence_storm']:,} with {sizes['presence_watchers']} streams of its "
+              "watcher count (uvloop), vs the same storm without",
+        f"{presence['with seconds']:.2f} s vs {presence['without seconds']:.2f} s: "
+        f"**{presence['ratio']:.2f}×**{spread(presence, 'ratio')}; CPU {presence['with cpu']:.2f} vs "
+        f"{presence['without cpu']:.2f} s; {presence['frames per watcher']:.0f} frames per count stream, "
+        f"the count exact {presence['exact after']:.2f} s after the storm began",
+        "≤ 1.1×; frames ≤ 2 + 2 a second", shown(presence["ratio"], 2) <= 1.1
+        and presence["frames per watcher"] <= frames_bound)
     return "\n".join(lines)
 
 
@@ -703,7 +751,8 @@ def main() -> int:
     quick = args.quick
     sizes = {"broadcast": [500] if quick else [5000, 10000], "hot": 500 if quick else 5000,
              "scale": 1000 if quick else 10000, "scale_seconds": 3 if quick else 30,
-             "counters": 10_000 if quick else 100_000, "storm": [1000] if quick else [5000, 10000]}
+             "counters": 10_000 if quick else 100_000, "storm": [1000] if quick else [5000, 10000],
+             "presence_storm": 1000 if quick else 5000, "presence_watchers": 100}
     sessions, rounds, burst = (1, 1, 1) if quick else (3, 6, 2)
     with tempfile.TemporaryDirectory(prefix="livecounter-bench-") as directory:
         workdir = Path(directory)
@@ -730,7 +779,9 @@ def main() -> int:
         storms = {count: phase(f"reconnect storm of {count}",
                                lambda: reconnect_storm(workdir, count, 3 if quick else 5))
                   for count in sizes["storm"]}
-    table = report(quick, inc, cost, instructions, durable, broadcasts, hot, scaled, many, storms, sizes)
+        presence = phase("reconnect storm with watcher counts", lambda: storm_with_presence(
+            workdir, sizes["presence_storm"], sizes["presence_watchers"], 3 if quick else 5))
+    table = report(quick, inc, cost, instructions, durable, broadcasts, hot, scaled, many, storms, presence, sizes)
     print(table)  # first: whatever happens to the file, the figures are on the screen
     print("\n(" + "; ".join(phases) + ")", file=sys.stderr)
     if quick:
