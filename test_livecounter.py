@@ -1073,6 +1073,20 @@ async def test_health_reports_failing_saves_and_recovery(make_client, tmp_path):
     assert json.loads((directory / "counters.json").read_text())["1"] == 1
 
 
+async def test_health_local_leaves_out_a_failing_pushpin(make_client, tmp_path):
+    client = await make_client(grip_urls=("http://127.0.0.1:9/",))  # nothing listens there
+    await client.post("/counters/1/")
+    response = await wait_until(lambda: _status_is(client.get("/healthz"), 503), message="the outage shows")
+    assert "publishing to http://127.0.0.1:9/publish/" in await response.text()
+    response = await client.get("/healthz?local")  # a load balancer checking through Pushpins
+    assert (response.status, await response.text()) == (200, "ok\n")
+
+
+async def _status_is(request, status):
+    response = await request
+    return response if response.status == status else None
+
+
 async def test_a_missing_data_file_starts_empty_and_is_created(make_client, tmp_path):
     path = tmp_path / "new.json"
     client = await make_client(data_path=path, save_interval=0.1)
