@@ -918,6 +918,7 @@ def duplicate(transport: asyncio.Transport) -> socket.socket:
 
 PUBLISH_BATCH = 500  # counters per publish request; a long outage may leave many to catch up
 PUBLISH_TIMEOUT = 5.0  # seconds; a slow Pushpin delays only its own next publish
+STOP_PUBLISH_TIMEOUT = 2.0  # seconds a stop waits for the last publishes (streams on Pushpin outlive it)
 ITEMS_PER_CHANGE = 2  # a change goes to both of its counter's channels (publish_items)
 PACING_ROUND = 0.1  # seconds of --grip-message-rate a paced round waits for when many changes wait
 
@@ -971,6 +972,7 @@ class PushpinTarget:
         self.wakeup = asyncio.Event()
         self.publishing = Outage(f"publishing to {self.publish_url}")
         self.pacing = PublishPacing(message_rate)
+        self.sending = False  # a publish request is in flight
 
 
 class GripPublisher:
@@ -1019,6 +1021,7 @@ class GripPublisher:
             batch = dict(itertools.islice(target.unpublished.items(), changes))
             for counter_id in batch:
                 del target.unpublished[counter_id]
+            target.sending = True
             try:
                 await send_publish(session, target.publish_url, batch)
             except Exception as error:  # noqa: BLE001 - a misbehaving Pushpin must not stop publishing
@@ -1026,13 +1029,26 @@ class GripPublisher:
                     target.unpublished.setdefault(counter_id, value)  # unless superseded meanwhile
                 self.failures += 1
                 target.publishing.failed(failure_reason(error))
+                target.sending = False
                 await asyncio.sleep(target.publishing.retry_delay)
                 target.wakeup.set()
                 continue
+            target.sending = False
             self.published += 1
             target.publishing.succeeded()
             if target.unpublished:
                 target.wakeup.set()
+
+    async def flushed(self, timeout: float) -> None:
+        """Wait until every change has been published to every Pushpin, for at most timeout seconds:
+        on a stop, so that the last changes still reach the streams the Pushpins keep holding."""
+        deadline = time.monotonic() + timeout
+        while any(target.unpublished or target.sending for target in self._targets):
+            if time.monotonic() > deadline:
+                log.warning("stopping with the latest values of %d counters not published to every Pushpin",
+                            self.waiting)
+                return
+            await asyncio.sleep(0.02)
 
 
 async def send_publish(session: aiohttp.ClientSession, url: str, batch: dict[str, int | None]) -> None:
@@ -1965,17 +1981,21 @@ def create_app(data_path: str | os.PathLike[str] = Settings.data_path, **options
 
 
 async def run_background_work(app: web.Application):
-    """Saves and sweeps while the app runs; the final save after every stream and request has ended."""
+    """Saves, sweeps and publishing while the app runs; once every stream and request has ended, the
+    final save, then the last publishes (in durable mode the final save announces what it holds)."""
     tasks = [asyncio.create_task(app[STORE].run_saves()), asyncio.create_task(app[HUB].run_sweeps())]
-    if app[GRIP] is not None:
-        tasks.append(asyncio.create_task(app[GRIP].run()))
     if app[SETTINGS].grip_stats:
         tasks.append(asyncio.create_task(read_pushpin_stats(app[SETTINGS].grip_stats, app[PRESENCE])))
+    publishing = asyncio.create_task(app[GRIP].run()) if app[GRIP] is not None else None
     yield
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
     await app[STORE].close()
+    if publishing is not None:
+        await app[GRIP].flushed(STOP_PUBLISH_TIMEOUT)
+        publishing.cancel()
+        await asyncio.gather(publishing, return_exceptions=True)
 
 
 async def end_streams(app: web.Application) -> None:

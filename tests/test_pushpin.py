@@ -508,3 +508,20 @@ async def test_a_pushpin_gone_silent_stops_counting_after_its_ttl(tmp_path, data
 async def _is(awaitable, expected):
     return await awaitable == expected
 
+
+
+async def test_a_stop_publishes_the_last_changes_to_the_streams_pushpin_keeps(tmp_path, data_file):
+    """Pushpin holds its streams through livecounter's restart: the changes just before a stop must
+    reach them, not wait for the next change after the restart. Paced to two changes a second, five
+    changes are still waiting when SIGTERM comes."""
+    async with behind_pushpin(tmp_path, data_file, "--grip-message-rate", "4") as (origin, pushpin):
+        async with aiohttp.ClientSession() as session:
+            listeners = [await session.get(f"{pushpin.url}/counters/{counter_id}/", headers=SSE)
+                         for counter_id in "12345"]
+            for listener in listeners:
+                assert await read_frame(listener) == frame(0)
+            for counter_id in "12345":
+                await session.post(f"{origin.url}/counters/{counter_id}/")
+            assert await origin.stop() == 0
+            for listener in listeners:
+                assert await read_until_value(listener, 1, timeout=3) == [1]
