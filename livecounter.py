@@ -2041,27 +2041,35 @@ function liveSource(url, listen, state) {
   return function end() { clearTimeout(timer); source.close(); };
 }
 
-/* The ids split into the streams that carry them: at most STREAM_IDS ids a stream (the server's
-   limit), and at most STREAM_QUERY characters of URL after the base ("?ids=a,b,..."), since
-   proxies refuse long URLs (through Pushpin, ~4 KB fails). An id is at most 64 characters: one
-   always fits. */
+/* The ids split into the streams that carry them, each {ids, watchers}: at most STREAM_IDS ids a
+   stream (the server's limit), and at most STREAM_QUERY characters of URL after the base
+   ("?ids=a,b,...&watchers=1"), since proxies refuse long URLs (through Pushpin, ~4 KB fails).
+   watches(id) says whether the id's watcher count is wanted too: its stream then asks for every
+   id's (the parameter is per stream), which is a few characters more. An id is at most 64
+   characters: one always fits. */
 var STREAM_IDS = """ + str(MAX_STREAM_IDS) + """, STREAM_QUERY = """ + str(STREAM_QUERY_MAX) + """;
-function streamsOf(ids) {
-  var streams = [], some = null, length = 0;
+var WATCHERS = "&watchers=1";
+function streamsOf(ids, watches) {
+  var streams = [], some = null;
   ids.forEach(function (id) {
     var more = encodeURIComponent(id).length + 1;  // the id and the "=" or "," before it
-    if (!some || some.length === STREAM_IDS || length + more > STREAM_QUERY) {
-      streams.push(some = []);
-      length = "?ids".length;
+    var watched = !!watches(id);
+    if (!some || some.ids.length === STREAM_IDS
+        || some.length + more + (watched && !some.watchers ? WATCHERS.length : 0) > STREAM_QUERY) {
+      streams.push(some = {ids: [], watchers: false, length: "?ids".length});
     }
-    some.push(id);
-    length += more;
+    some.ids.push(id);
+    some.length += more;
+    if (watched && !some.watchers) {
+      some.watchers = true;
+      some.length += WATCHERS.length;
+    }
   });
   return streams;
 }
 
-function queryOf(ids) {
-  return "?ids=" + ids.map(encodeURIComponent).join(",");
+function queryOf(stream) {
+  return "?ids=" + stream.ids.map(encodeURIComponent).join(",") + (stream.watchers ? WATCHERS : "");
 }
 """
 
@@ -2156,7 +2164,7 @@ function count() {  // the page-view snippet, on counter 1 if it exists: after i
 function watch(ids) {  // the streams of the cards shown (as few as URLs allow), replacing the last ones
   ends.forEach((end) => end());
   watched = ids.join(",");
-  const streams = streamsOf(ids);
+  const streams = streamsOf(ids, () => false);  // values only
   const states = streams.map(() => ({state: "connecting"}));
   ends = streams.map((some, index) => liveSource("counters/" + queryOf(some), (source) => {
     source.addEventListener("counter", (event) => {
@@ -2217,9 +2225,10 @@ relist();
 """
 
 EMBED_SCRIPT = """/* livecounter embed: <span data-livecounter="2"></span> becomes counter 2's live value;
-   data-livecounter-count on it also counts this page view once (in each tab). One stream per
-   100 counters (fewer if their ids are long: streamsOf), shared by the tabs of the origin that show
-   the same counters.
+   data-livecounter-count on it also counts this page view once (in each tab).
+   <span data-livecounter-watchers="2"></span> becomes how many streams watch counter 2 now, this
+   page's own among them. One stream per 100 counters (fewer if their ids are long: streamsOf),
+   shared by the tabs of the origin that show the same counters.
    Its elements say data-livecounter-state="connecting", then "live"; while a stream is down they
    keep their value and say "reconnecting" or "offline", for the page's CSS. A classic or a module
    script; included twice, the second copy finds every element taken (it has a state) and leaves it. */
@@ -2241,36 +2250,56 @@ EMBED_SCRIPT = """/* livecounter embed: <span data-livecounter="2"></span> becom
   // secure context: HTTPS or localhost) each tab opens its own streams, as it would alone.
   var SHARED = typeof BroadcastChannel === "function" && !!navigator.locks;
 
+  // An element shows a counter's value (data-livecounter, which wins if it has both) or its watcher
+  // count (data-livecounter-watchers); a valid id in that attribute, or it is skipped.
+  function kindOf(element) {
+    return element.hasAttribute("data-livecounter") ? "value" : "watchers";
+  }
+
+  function idOf(element) {
+    return element.getAttribute(kindOf(element) === "value" ? "data-livecounter" : "data-livecounter-watchers");
+  }
+
   function start() {
-    var elements = [].filter.call(document.querySelectorAll("[data-livecounter]:not([data-livecounter-state])"),
-      function (element) { return VALID.test(element.getAttribute("data-livecounter")); });
-    // No prototypes: "constructor" is an id like any other
+    var elements = [].filter.call(
+      document.querySelectorAll("[data-livecounter]:not([data-livecounter-state]), "
+                                + "[data-livecounter-watchers]:not([data-livecounter-state])"),
+      function (element) { return VALID.test(idOf(element)); });
+    // No prototypes: "constructor" is an id like any other. elementsOf[id] has the id's elements of
+    // each kind: an id may have only watcher elements, and its stream still carries its values.
     var ids = [], elementsOf = Object.create(null), uncounted = Object.create(null);
     elements.forEach(function (element) {
-      var id = element.getAttribute("data-livecounter");
+      var id = idOf(element), kind = kindOf(element);
       element.setAttribute("data-livecounter-state", "connecting");  // taken
       if (!elementsOf[id]) {
-        elementsOf[id] = [];
+        elementsOf[id] = {value: [], watchers: []};
         ids.push(id);
       }
-      elementsOf[id].push(element);
-      if (element.hasAttribute("data-livecounter-count")) uncounted[id] = true;
+      elementsOf[id][kind].push(element);
+      // A view counts after the value, and only where a value is shown: a watcher count isn't a view
+      if (kind === "value" && element.hasAttribute("data-livecounter-count")) uncounted[id] = true;
     });
     ids.sort();  // the same counters in any order make the same streams, which tabs can share
-    streamsOf(ids).forEach(function (some) {
-      var stream = {url: base + queryOf(some), ids: some, values: Object.create(null), state: "connecting"};
+    streamsOf(ids, function (id) { return elementsOf[id].watchers.length; }).forEach(function (some) {
+      var stream = {url: base + queryOf(some), ids: some.ids, values: Object.create(null),
+                    watchers: Object.create(null), state: "connecting"};
       if (SHARED) share(stream);
       else open(stream);
     });
 
     // What a stream says, from this tab's EventSource or relayed by the tab that holds it:
-    // {id, value} for a counter, {state} for the stream.
+    // {id, value} for a counter, {id, watchers} for its watcher count, {state} for the stream.
     function hear(stream, message) {
       if ("state" in message) {
         stream.state = message.state;
         stream.ids.forEach(function (id) {
-          elementsOf[id].forEach(function (element) { element.setAttribute("data-livecounter-state", message.state); });
+          elementsOf[id].value.concat(elementsOf[id].watchers).forEach(function (element) {
+            element.setAttribute("data-livecounter-state", message.state);
+          });
         });
+      } else if ("watchers" in message) {
+        stream.watchers[message.id] = message.watchers;  // for the tabs that join later, as values are
+        elementsOf[message.id].watchers.forEach(function (element) { element.textContent = message.watchers; });
       } else {
         stream.values[message.id] = message.value;  // for the tabs that join later, should this one hold it
         show(message.id, message.value);
@@ -2278,7 +2307,7 @@ EMBED_SCRIPT = """/* livecounter embed: <span data-livecounter="2"></span> becom
     }
 
     function show(id, value) {
-      elementsOf[id].forEach(function (element) { element.textContent = value; });
+      elementsOf[id].value.forEach(function (element) { element.textContent = value; });
       if (uncounted[id]) {  // after the first value, as the snippet does:
         delete uncounted[id];  // once, however often the stream reopens or passes to another tab
         fetch(base + encodeURIComponent(id) + "/", {method: "POST"});
@@ -2294,6 +2323,10 @@ EMBED_SCRIPT = """/* livecounter embed: <span data-livecounter="2"></span> becom
         source.addEventListener("counter", function (event) {
           var counter = JSON.parse(event.data);
           heard({id: counter.id, value: counter.value});
+        });
+        source.addEventListener("watchers", function (event) {  // only on a stream that asked for them
+          var counter = JSON.parse(event.data);
+          heard({id: counter.id, watchers: counter.watchers});
         });
       }, function (state) { heard({state: state}); });
     }
@@ -2320,8 +2353,9 @@ EMBED_SCRIPT = """/* livecounter embed: <span data-livecounter="2"></span> becom
       });
     }
 
-    function replay(stream, relay) {  // the values this tab has and the stream's state, in that order
+    function replay(stream, relay) {  // the values and watcher counts this tab has, then the stream's state
       Object.keys(stream.values).forEach(function (id) { relay({id: id, value: stream.values[id]}); });
+      Object.keys(stream.watchers).forEach(function (id) { relay({id: id, watchers: stream.watchers[id]}); });
       relay({state: stream.state});
     }
   }

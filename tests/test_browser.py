@@ -6,10 +6,12 @@ skipped on a developer's machine and fail under CI=true.
 """
 
 import asyncio
+import contextlib
 import json
 import os
 import re
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
 import aiohttp
 import pytest
@@ -111,6 +113,20 @@ async def listeners_of(counter_url):
         return await metric(session, counter_url.rstrip("/"), "listeners")
 
 
+@contextlib.asynccontextmanager
+async def another_watcher(counter_url, counter_id):
+    """A stream of the counter's values, open (and counted: its first frame is in) until the block ends."""
+    async with aiohttp.ClientSession() as session:
+        response = await session.get(f"{counter_url}counters/{counter_id}/", headers={"Accept": "text/event-stream"})
+        try:
+            assert response.status == 200
+            while (await response.content.readline()).strip() != b"":  # the retry field: the stream is open
+                pass
+            yield
+        finally:
+            response.close()
+
+
 def readme_snippet() -> str:
     readme = (ROOT / "README.md").read_text()
     section = readme[readme.index("### The page-view snippet"):]
@@ -170,6 +186,32 @@ async def test_embed_js_shows_and_counts_on_another_origin(browser, counter_url,
     await shows(page, ".likes", "1")
     assert "livecounter_listeners 1\n" in metrics  # one stream for all of the page's counters
     assert await value_of(counter_url, 2) == 1
+    assert errors == []
+
+
+async def test_embed_js_shows_how_many_watch_a_counter_live_on_another_origin(browser, counter_url, other_origin):
+    # Only watcher elements of counter 2: the page's stream carries 2 (and so watches it) beside 3.
+    blog = await other_origin(f"""<!doctype html><title>blog</title><body>
+        <p>likes: <span id="likes" data-livecounter="3">…</span></p>
+        <p><span class="watching" data-livecounter-watchers="2" data-livecounter-count>…</span> reading now
+           (<span class="watching" data-livecounter-watchers="2">…</span>)</p>
+        <script src="{counter_url}embed.js"></script></body>""")
+    errors, requests = [], []
+    page = await open_page(browser, blog, errors, requests=requests)
+    await shows(page, ".watching", "1")  # the page alone: its own stream
+    await shows(page, "#likes", "0")
+    await page.wait_for_function("""[...document.querySelectorAll("[data-livecounter-watchers]")]
+                                    .every((e) => e.dataset.livecounterState === 'live')""", timeout=10_000)
+    assert [urlsplit(url).query for url in requests if "?ids=" in url] == ["ids=2,3&watchers=1"]
+    assert await listeners_of(counter_url) == 1
+
+    async with another_watcher(counter_url, 2):
+        await shows(page, ".watching", "2")
+    await shows(page, ".watching", "1")  # it left
+    async with aiohttp.ClientSession() as session:
+        await session.post(f"{counter_url}counters/3/")
+    await shows(page, "#likes", "1")
+    assert await value_of(counter_url, 2) == 0  # data-livecounter-count counts views, not watcher counts
     assert errors == []
 
 
@@ -279,7 +321,7 @@ LONG_IDS = [f"{i:03d}-{'x' * 60}" for i in range(100)]  # 64 characters each, th
 def streams_of(requests, counter_url):
     """The multi-counter streams among the requests' URLs: {the part after counters/: its ids}."""
     base = f"{counter_url}counters/"
-    return {url[len(base):]: url.partition("?ids=")[2].split(",")
+    return {url[len(base):]: parse_qs(urlsplit(url).query)["ids"][0].split(",")
             for url in requests if url.startswith(base + "?ids=")}
 
 
@@ -307,6 +349,25 @@ async def test_long_ids_are_split_into_streams_of_short_urls(browser, start_coun
     await shows(demo, f"[data-id='{LONG_IDS[0]}'] .value", "1")
     assert streams_of(requests, counter_url) == streams
     assert await counters_of(counter_url) == {**dict.fromkeys(LONG_IDS, 1), LONG_IDS[-1]: 2}
+    assert errors == []
+
+
+async def test_asking_for_watcher_counts_counts_in_the_url_length(browser, start_counter_server, other_origin):
+    # 30 ids of 64 characters and one of 41 make a query of exactly 1,996 characters: one stream. With
+    # "&watchers=1" (11 more) it would be 2,007: the counter with a watchers element starts a second.
+    ids = LONG_IDS[:30] + ["z" * 41]
+    counter_url = await start_counter_server(dict.fromkeys(ids, 0))
+    spans = "".join(f'<span data-livecounter="{name}">…</span> ' for name in ids)
+    blog = await other_origin(f"""<!doctype html><title>blog</title><body><p>{spans}</p>
+        <p><span id="watching" data-livecounter-watchers="{ids[-1]}">…</span> watching</p>
+        <script src="{counter_url}embed.js"></script></body>""")
+    errors, requests = [], []
+    page = await open_page(browser, blog, errors, requests=requests)
+    await shows(page, "[data-livecounter]", "0")
+    await shows(page, "#watching", "1")
+    streams = streams_of(requests, counter_url)
+    assert [(len(query), query.endswith("&watchers=1")) for query in streams] == [(1954, False), (57, True)]
+    assert list(streams.values()) == [ids[:30], ids[30:]]
     assert errors == []
 
 
@@ -357,6 +418,39 @@ async def test_seven_tabs_share_one_stream_and_each_counts_its_view(browser, cou
     assert await value_of(counter_url, 2) == 7  # every view counted once, none again on the new stream
     for tab in tabs:
         await shows(tab, "#views", "7")
+    await context.close()
+    assert errors == []
+
+
+async def test_tabs_sharing_a_stream_show_its_watcher_count_and_a_late_tab_gets_it(
+        browser, counter_url, other_origin):
+    blog = await other_origin(f"""<!doctype html><title>blog</title><body>
+        <p>likes: <span id="likes" data-livecounter="3">…</span>, <span id="watching"
+           data-livecounter-watchers="3">…</span> watching</p>
+        <script src="{counter_url}embed.js"></script></body>""")
+    context = await browser.new_context()
+    errors = []
+    first = await open_page(context, blog, errors)
+    await shows(first, "#watching", "1")
+    second = await open_page(context, blog, errors)  # no new count goes out: it has the holder's
+    await shows(second, "#watching", "1")
+    await shows(second, "#likes", "0")
+    assert await listeners_of(counter_url) == 1  # the tabs of an origin count once together
+    async with another_watcher(counter_url, 3):
+        for tab in (first, second):  # relayed to the tab that doesn't hold the stream
+            await shows(tab, "#watching", "2")
+    for tab in (first, second):
+        await shows(tab, "#watching", "1")
+
+    await first.close()  # the holder: the second opens the stream again, and is its only watcher
+    async with aiohttp.ClientSession() as session:
+        await session.post(f"{counter_url}counters/3/")
+    await shows(second, "#likes", "1")
+    await shows(second, "#watching", "1")
+    async with another_watcher(counter_url, 3):  # its own stream has the counts now
+        await shows(second, "#watching", "2")
+    await shows(second, "#watching", "1")
+    await second.wait_for_function("document.getElementById('watching').dataset.livecounterState === 'live'")
     await context.close()
     assert errors == []
 
