@@ -2097,7 +2097,9 @@ DEMO_PAGE = """<!doctype html>
              display: flex; flex-direction: column; gap: 6px; transition: background-color 0.6s; }
   .counter.changed { background: var(--flash); transition: none; }
   .id { color: var(--muted); font-size: 13px; overflow-wrap: anywhere; }
+  .reading { display: flex; flex-wrap: wrap; align-items: baseline; column-gap: 10px; }
   .value { font-size: 34px; font-weight: 650; font-variant-numeric: tabular-nums; letter-spacing: -0.02em; }
+  .watching { color: var(--muted); font-size: 13px; white-space: nowrap; }
   button { align-self: flex-start; border: 1px solid var(--accent); color: var(--accent); background: #fff;
            border-radius: 8px; padding: 4px 14px; font: inherit; font-weight: 600; cursor: pointer; }
   button:hover { background: var(--accent); color: #fff; }
@@ -2122,7 +2124,7 @@ const RELIST = 30;  // seconds: how soon counters created (or deleted) elsewhere
 const grid = document.getElementById("counters");
 const status = document.getElementById("status");
 const summary = document.getElementById("summary");
-const cards = new Map();  // id -> {element, number}; Maps, so that an id like "constructor" is just an id
+const cards = new Map();  // id -> {element, number, watching}; Maps: an id like "constructor" is just an id
 let watched = null, ends = [];  // the ids of the cards' streams (joined), and what ends each
 let counted = false;
 
@@ -2133,15 +2135,20 @@ function card(id, value) {
   const label = document.createElement("div");
   label.className = "id";
   label.textContent = "counter " + id;
-  const number = document.createElement("div");
+  const number = document.createElement("span");
   number.className = "value";
   number.textContent = value;
+  const watching = document.createElement("span");  // filled by the stream's first watchers event
+  watching.className = "watching";
+  const reading = document.createElement("div");
+  reading.className = "reading";
+  reading.append(number, watching);
   const button = document.createElement("button");
   button.textContent = "+1";
   button.addEventListener("click", () => fetch("counters/" + encodeURIComponent(id) + "/", {method: "POST"}));
-  element.append(label, number, button);
+  element.append(label, reading, button);
   grid.append(element);
-  cards.set(id, {element, number});
+  cards.set(id, {element, number, watching});
 }
 
 function show(id, value) {
@@ -2154,6 +2161,11 @@ function show(id, value) {
   setTimeout(() => shown.element.classList.remove("changed"), 50);
 }
 
+function showWatchers(id, watchers) {  // no highlight: arrivals and departures aren't the counter's news
+  const shown = cards.get(id);
+  if (shown) shown.watching.textContent = watchers + " watching";
+}
+
 function count() {  // the page-view snippet, on counter 1 if it exists: after its first value, once
   counted = true;
   fetch("counters/1/", {method: "POST"}).then((response) => {
@@ -2164,13 +2176,17 @@ function count() {  // the page-view snippet, on counter 1 if it exists: after i
 function watch(ids) {  // the streams of the cards shown (as few as URLs allow), replacing the last ones
   ends.forEach((end) => end());
   watched = ids.join(",");
-  const streams = streamsOf(ids, () => false);  // values only
+  const streams = streamsOf(ids, () => true);  // every card shows its watchers: each stream asks for them
   const states = streams.map(() => ({state: "connecting"}));
   ends = streams.map((some, index) => liveSource("counters/" + queryOf(some), (source) => {
     source.addEventListener("counter", (event) => {
       const {id, value} = JSON.parse(event.data);
       show(id, value);  // a new stream starts with every value: the cards keep theirs until then
       if (id === "1" && !counted) count();
+    });
+    source.addEventListener("watchers", (event) => {  // this page's stream is one of them
+      const {id, watchers} = JSON.parse(event.data);
+      showWatchers(id, watchers);
     });
   }, (state, seconds) => {
     states[index] = {state, seconds};

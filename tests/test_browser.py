@@ -171,6 +171,19 @@ async def test_the_demo_page_shows_every_counter_live(browser, counter_url, tmp_
     assert errors == []
 
 
+async def test_the_demo_page_shows_how_many_watch_each_counter_live(browser, counter_url):
+    errors = []
+    page = await open_page(browser, counter_url, errors)
+    await shows(page, ".counter .watching", "1 watching")  # each card: the page's own stream watches it
+    assert await page.locator(".watching").count() == 9
+    async with another_watcher(counter_url, 5):
+        await shows(page, "[data-id='5'] .watching", "2 watching")
+        await shows(page, "[data-id='4'] .watching", "1 watching")
+    await shows(page, "[data-id='5'] .watching", "1 watching")  # it left
+    await shows(page, "#status", "live")
+    assert errors == []
+
+
 async def test_embed_js_shows_and_counts_on_another_origin(browser, counter_url, other_origin):
     blog = await other_origin(f"""<!doctype html><title>blog</title><body>
         <p>views: <span id="views" data-livecounter="2" data-livecounter-count>…</span></p>
@@ -347,7 +360,9 @@ async def test_long_ids_are_split_into_streams_of_short_urls(browser, start_coun
     await shows(demo, "#status", "live")
     await shows(demo, f"[data-id='{LONG_IDS[-1]}'] .value", "2")
     await shows(demo, f"[data-id='{LONG_IDS[0]}'] .value", "1")
-    assert streams_of(requests, counter_url) == streams
+    demo_streams = streams_of(requests, counter_url)  # with &watchers=1, and the same ids in each
+    assert all(query.endswith("&watchers=1") and len(query) <= STREAM_QUERY_MAX for query in demo_streams)
+    assert list(demo_streams.values()) == list(streams.values())
     assert await counters_of(counter_url) == {**dict.fromkeys(LONG_IDS, 1), LONG_IDS[-1]: 2}
     assert errors == []
 
