@@ -50,7 +50,7 @@ import socket
 import stat
 import sys
 import time
-from collections.abc import Awaitable, Callable, Hashable, Sequence
+from collections.abc import Awaitable, Callable, Hashable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -152,6 +152,10 @@ class Settings:
     grip_urls: tuple[str, ...] = option((), "a Pushpin instance's publish endpoint, e.g. "
                                         "http://127.0.0.1:5561/ (repeat for each; the variable takes them "
                                         "separated by spaces)", flag="--grip-url", shown="none")
+    grip_link_timeout: int = option(30, "seconds after which Pushpin asks livecounter what an idle stream "
+                                    "missed (its next link's timeout=): the longest a stream Pushpin took "
+                                    "for current can miss a change; each Pushpin asks at most 1,000 streams' "
+                                    "a second", parse=positive_int)
     grip_stats: tuple[str, ...] = option((), "a Pushpin instance's stats socket (its stats_spec, e.g. "
                                          "ipc:///run/pushpin/pushpin-stats), so that watcher counts include "
                                          "the streams it holds; needs pyzmq (repeat for each; the variable "
@@ -162,6 +166,12 @@ class Settings:
                                     "[handler] message_rate (Pushpin drops what it can't deliver at that "
                                     "rate, yet answers 200); a change is 2 items, one per channel of the "
                                     "counter, and the latest value of each goes", parse=positive_int)
+    purge_urls: tuple[str, ...] = option((), "a cache in front (e.g. Varnish, http://127.0.0.1:6081/): reads "
+                                         "become cacheable, and every change sends it PURGE /counters/ID/ "
+                                         "(repeat for each; the variable takes them separated by spaces)",
+                                         flag="--purge-url", shown="none")
+    cache_seconds: int = option(600, "with --purge-url, how long a cache may keep a read (s-maxage)",
+                                parse=positive_int)
     reconnect_window: ReconnectWindow = option(
         ReconnectWindow(1, 5), "MIN-MAX seconds a client waits before it reconnects a stream that ended "
         "(a restart), drawn for each stream (its SSE retry field) so that they don't all come back at once",
@@ -909,6 +919,104 @@ def duplicate(transport: asyncio.Transport) -> socket.socket:
 
 
 # --------------------------------------------------------------------------------------------------
+# Caches in front: purged on every change
+# --------------------------------------------------------------------------------------------------
+#
+# With --purge-url, reads (plain, JSON, and the answers Pushpin holds streams with) may be kept by a
+# cache in front for --cache-seconds (Varnish: deploy/varnish/livecounter.vcl), and every change
+# purges what it holds of the counter: PURGE /counters/<id>/ (its every Vary variant), and
+# /counters/<id>/watchers/ when that count changes. As with publishing: one request in flight per
+# cache, the oldest path first, never on a POST's path; a cache that fails is its own outage, logged
+# once and retried. Each publish to Pushpin waits (briefly) for its counters' purges, as the original
+# Live Counter did: a viewer who arrives after a change gets it from the origin, not the old answer.
+
+PURGE_TIMEOUT = 2.0  # seconds for one PURGE
+PURGE_BEFORE_PUBLISH = 0.5  # seconds a publish waits at most for its counters' purges
+
+
+def purge_path(key: str) -> str:
+    """What a cache holds of a hub channel, relative to the cache's URL."""
+    if key.startswith(WATCHERS):
+        return f"counters/{key[len(WATCHERS):]}/watchers/"
+    return f"counters/{key}/"
+
+
+class CacheTarget:
+    """One cache: the paths it still has to purge, and whether purging it works."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url.rstrip("/") + "/"
+        self.unpurged: dict[str, None] = {}  # paths, the oldest first
+        self.purging_now: str | None = None  # the path of the request in flight
+        self.wakeup = asyncio.Event()
+        self.purging = Outage(f"purging {self.url}")
+
+
+class CachePurger:
+    def __init__(self, urls: tuple[str, ...]) -> None:
+        self._targets = [CacheTarget(url) for url in urls]
+        self.purges = 0  # for /metrics
+        self.failures = 0
+
+    @property
+    def error(self) -> str | None:
+        """Why purging fails, for /healthz; None while it works."""
+        return "; ".join(target.purging.error for target in self._targets if target.purging.error) or None
+
+    def purge(self, key: str) -> None:
+        """Have every cache drop what it holds of a hub channel (a counter's value or watcher count)."""
+        path = purge_path(key)
+        for target in self._targets:
+            target.unpurged[path] = None
+            target.wakeup.set()
+
+    async def purged(self, keys: Iterable[str], timeout: float) -> None:
+        """Wait until every cache that works has purged these channels, for at most timeout seconds."""
+        paths = {purge_path(key) for key in keys}
+        deadline = time.monotonic() + timeout
+        while any(target.purging.error is None and (target.purging_now in paths or not paths.isdisjoint(target.unpurged))
+                  for target in self._targets) and time.monotonic() < deadline:
+            await asyncio.sleep(0.002)
+
+    async def flushed(self, timeout: float) -> None:
+        """On a stop: wait until every cache has purged everything, for at most timeout seconds."""
+        deadline = time.monotonic() + timeout
+        while any(target.unpurged or target.purging_now for target in self._targets):
+            if time.monotonic() > deadline:
+                log.warning("stopping with %d reads not purged from every cache: they may be stale there "
+                            "for --cache-seconds", max(len(target.unpurged) for target in self._targets))
+                return
+            await asyncio.sleep(0.02)
+
+    async def run(self) -> None:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=PURGE_TIMEOUT)) as session:
+            await asyncio.gather(*(self._purge(session, target) for target in self._targets))
+
+    async def _purge(self, session: aiohttp.ClientSession, target: CacheTarget) -> None:
+        while True:
+            await target.wakeup.wait()
+            target.wakeup.clear()
+            while target.unpurged:
+                path = target.purging_now = next(iter(target.unpurged))
+                del target.unpurged[path]
+                try:
+                    async with session.request("PURGE", target.url + path) as response:
+                        if response.status >= 300:
+                            answer = (await response.read()).decode("utf-8", "replace").strip()[:200]
+                            raise aiohttp.ClientError(f"{response.status} {answer}")
+                except Exception as error:  # noqa: BLE001 - a misbehaving cache must not stop purging
+                    target.unpurged.setdefault(path, None)
+                    target.purging_now = None
+                    self.failures += 1
+                    target.purging.failed(failure_reason(error))
+                    await asyncio.sleep(target.purging.retry_delay)
+                    continue
+                target.purging_now = None
+                self.purges += 1
+                target.purging.succeeded()
+
+
+# --------------------------------------------------------------------------------------------------
 # GRIP publishing: Pushpin holds the connections, livecounter publishes the changes
 # --------------------------------------------------------------------------------------------------
 #
@@ -918,6 +1026,8 @@ def duplicate(transport: asyncio.Transport) -> socket.socket:
 
 PUBLISH_BATCH = 500  # counters per publish request; a long outage may leave many to catch up
 PUBLISH_TIMEOUT = 5.0  # seconds; a slow Pushpin delays only its own next publish
+HINT_DELAY = 0.25  # seconds after a channel's last publish to a Pushpin, its hint (see _hint)
+HINT = "hint"  # in a Pushpin's queue in place of a value: the channel's streams are to ask their next link
 STOP_PUBLISH_TIMEOUT = 2.0  # seconds a stop waits for the last publishes (streams on Pushpin outlive it)
 ITEMS_PER_CHANGE = 2  # a change goes to both of its counter's channels (publish_items)
 PACING_ROUND = 0.1  # seconds of --grip-message-rate a paced round waits for when many changes wait
@@ -929,6 +1039,17 @@ def grip_channel(key: str, multi: bool) -> str:
     if key.startswith(WATCHERS):
         return f"watchers:{key[len(WATCHERS):]}" if multi else f"watchers-{key[len(WATCHERS):]}"
     return f"counters:{key}" if multi else f"counter-{key}"
+
+
+def key_of_grip_channel(channel: str) -> tuple[str, bool] | None:
+    """The hub channel key of a Pushpin channel, and whether it is a multi-counter stream's; None if
+    it is none of livecounter's."""
+    for key_prefix in ("", WATCHERS):
+        for multi in (False, True):
+            prefix = grip_channel(key_prefix, multi)
+            if channel.startswith(prefix) and COUNTER_ID.fullmatch(channel[len(prefix):]):
+                return key_prefix + channel[len(prefix):], multi
+    return None
 
 
 class PublishPacing:
@@ -968,18 +1089,39 @@ class PushpinTarget:
 
     def __init__(self, url: str, message_rate: float) -> None:
         self.publish_url = url.rstrip("/") + "/publish/"
-        self.unpublished: dict[str, int | None] = {}  # counter -> latest value; None: deleted
+        self.unpublished: dict[str, int | str | None] = {}  # channel key -> latest value; None: deleted; or HINT
+        self.hints: dict[str, asyncio.TimerHandle] = {}  # channel key -> its hint to come
         self.wakeup = asyncio.Event()
         self.publishing = Outage(f"publishing to {self.publish_url}")
         self.pacing = PublishPacing(message_rate)
         self.sending = False  # a publish request is in flight
+        self.sent: dict[str, int] = {}  # channel key -> the publish number last sent here (its prev-id)
 
 
 class GripPublisher:
+    """Publishes every change to every Pushpin, each with its id (see publish_id) and the id this
+    Pushpin was last sent for the channel as prev-id, so that Pushpin finds a listener that missed
+    one and fetches its next link."""
+
     def __init__(self, urls: tuple[str, ...], message_rate: float = Settings.grip_message_rate) -> None:
         self._targets = [PushpinTarget(url, message_rate) for url in urls]
+        # Publish ids are "<epoch>.<n>": n counts a channel's publishes in this process, the epoch (its
+        # start, in ms) keeps a restarted process's ids from repeating old ones (Pushpin drops an id it
+        # saw within id_cache_ttl, and takes an old prev-id for current).
+        self._epoch = f"{int(time.time() * 1000):x}"
+        self._numbers: dict[str, int] = {}  # channel key -> its publishes so far
+        self._handed: dict[str, int] = {}  # channel key -> the latest of them handed to a Pushpin
+        self.purger: CachePurger | None = None  # a cache in front: its purges go before each publish
         self.published = 0  # for /metrics: publish requests Pushpin accepted
         self.failures = 0
+
+    def publish_id(self, key: str, number: int | None = None) -> str:
+        """The id of a channel's publish `number`, or by default of the latest one handed to a Pushpin
+        (number 0 before any): a listener answered now is told it as its prev-id, whatever value it
+        is sent, since the next publish Pushpin gets names it as its prev-id (a newer value waiting
+        for its turn comes with that publish). Not a value queued but not handed yet: Pushpin would
+        find every publish of a paced backlog out of sequence, and ask for the next link each time."""
+        return f"{self._epoch}.{self._handed.get(key, 0) if number is None else number}"
 
     @property
     def error(self) -> str | None:
@@ -991,11 +1133,15 @@ class GripPublisher:
         """For /metrics: changed counters not yet published to the Pushpin furthest behind."""
         return max(len(target.unpublished) for target in self._targets)
 
-    def publish(self, counter_id: str, value: int | None) -> None:
-        """Queue a counter's latest value (None: it was deleted) for every Pushpin; never waits."""
+    def publish(self, key: str, value: int | None) -> None:
+        """Queue a channel's latest value (a counter's, or a watcher count; None: the counter was
+        deleted) for every Pushpin; never waits."""
+        self._numbers[key] = self._numbers.get(key, 0) + 1
         for target in self._targets:
-            target.unpublished[counter_id] = value
+            target.unpublished[key] = value
             target.wakeup.set()
+            if value is None and (pending := target.hints.pop(key, None)) is not None:
+                pending.cancel()
 
     async def run(self) -> None:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=PUBLISH_TIMEOUT)) as session:
@@ -1022,8 +1168,14 @@ class GripPublisher:
             for counter_id in batch:
                 del target.unpublished[counter_id]
             target.sending = True
+            # Each value's number: the latest queued. (Not for a deletion or a hint: neither has an id.)
+            numbers = {key: self._numbers[key] for key, value in batch.items() if type(value) is int}
+            for key, number in numbers.items():
+                self._handed[key] = max(self._handed.get(key, 0), number)
+            if self.purger is not None:
+                await self.purger.purged(batch, PURGE_BEFORE_PUBLISH)
             try:
-                await send_publish(session, target.publish_url, batch)
+                await send_publish(session, target.publish_url, self._items(target, numbers, batch))
             except Exception as error:  # noqa: BLE001 - a misbehaving Pushpin must not stop publishing
                 for counter_id, value in batch.items():
                     target.unpublished.setdefault(counter_id, value)  # unless superseded meanwhile
@@ -1034,10 +1186,31 @@ class GripPublisher:
                 target.wakeup.set()
                 continue
             target.sending = False
+            target.sent.update(numbers)
+            for key in numbers:
+                self._hint_later(target, key)
             self.published += 1
             target.publishing.succeeded()
             if target.unpublished:
                 target.wakeup.set()
+
+    def _hint_later(self, target: PushpinTarget, key: str) -> None:
+        """Hint the channel's streams on this Pushpin once its publishes paused for HINT_DELAY.
+
+        Pushpin's ids leave one gap (1.36): a stream answered before a publish but subscribed after
+        it was delivered is checked against the last id Pushpin recorded for the channel, and every
+        mismatch clears that record, so a second such stream is not checked and keeps the old value
+        until the next publish. A hint has every stream of the channel ask its next link at once
+        (not through Pushpin's 10-a-second update limiter): the ones that missed a value get it,
+        the others an empty answer, shared by the streams whose last ids are the same."""
+        if (pending := target.hints.pop(key, None)) is not None:
+            pending.cancel()
+        target.hints[key] = asyncio.get_running_loop().call_later(HINT_DELAY, self._hint, target, key)
+
+    def _hint(self, target: PushpinTarget, key: str) -> None:
+        del target.hints[key]
+        target.unpublished.setdefault(key, HINT)  # a change waiting goes instead, and is hinted after
+        target.wakeup.set()
 
     async def flushed(self, timeout: float) -> None:
         """Wait until every change has been published to every Pushpin, for at most timeout seconds:
@@ -1051,9 +1224,28 @@ class GripPublisher:
             await asyncio.sleep(0.02)
 
 
-async def send_publish(session: aiohttp.ClientSession, url: str, batch: dict[str, int | None]) -> None:
+    def _items(self, target: PushpinTarget, numbers: dict[str, int],
+               batch: dict[str, int | str | None]) -> list[dict[str, object]]:
+        """The batch's publish items for this Pushpin, each with its publish id, and as prev-id the id
+        this Pushpin was last sent for the channel (number 0, the first time in this process: what
+        the listeners answered before were told). Pushpin finds a listener whose prev-id differs and
+        has it ask its next link, at most 10 links a second per Pushpin (its update limiter), so the
+        ids must match in the common case: publish_id says why listeners are told the handed one.
+        After a restart, Pushpin holds a channel's first publish back until message_wait (5 s) since
+        it follows none of the ids it saw (the previous process's), and the listeners from before
+        the restart ask their next link."""
+        items = []
+        for key, item in publish_items(batch):
+            if key in numbers:  # a close or a hint goes to every stream, whatever it missed
+                item["id"] = self.publish_id(key, numbers[key])
+                item["prev-id"] = self.publish_id(key, target.sent.get(key, 0))
+            items.append(item)
+        return items
+
+
+async def send_publish(session: aiohttp.ClientSession, url: str, items: list[dict[str, object]]) -> None:
     """One publish request; ClientError with Pushpin's status and answer (any bytes) unless it is 200."""
-    async with session.post(url, json={"items": publish_items(batch)}) as response:
+    async with session.post(url, json={"items": items}) as response:
         if response.status != 200:
             answer = (await response.read()).decode("utf-8", "replace").strip()[:200]
             raise aiohttp.ClientError(f"{response.status} {answer}")
@@ -1066,18 +1258,20 @@ def failure_reason(error: Exception) -> str:
     return f"{type(error).__name__}: {error}"
 
 
-def publish_items(batch: dict[str, int | None]) -> list[dict[str, object]]:
-    """GRIP publish items: each change (of a counter's value or watcher count, by the hub's channel
-    keys) on both of its Pushpin channels; a deletion closes them."""
+def publish_items(batch: dict[str, int | str | None]) -> list[tuple[str, dict[str, object]]]:
+    """GRIP publish items, by channel key: each change (of a counter's value or watcher count) on both
+    of its Pushpin channels; a deletion closes them; a HINT has their streams ask their next link."""
     items = []
     for key, value in batch.items():
         for multi in (False, True):
             if value is None:
                 content: dict[str, object] = {"action": "close"}
+            elif value == HINT:
+                content = {"action": "hint"}
             else:
                 event = channel_frames(key, value)[COUNTER_STYLE if multi else MESSAGE_STYLE]
                 content = {"content": event.decode()}
-            items.append({"channel": grip_channel(key, multi), "formats": {"http-stream": content}})
+            items.append((key, {"channel": grip_channel(key, multi), "formats": {"http-stream": content}}))
     return items
 
 
@@ -1120,8 +1314,10 @@ WATCHERS_INTERVAL = 0.5  # seconds: a counter's watcher count goes out at most t
 class Presence:
     """Every counter's watcher count, and sending it to the watchers of counts, here and on Pushpin."""
 
-    def __init__(self, hub: ListenerHub, grip: GripPublisher | None, exists: Callable[[str], bool]) -> None:
+    def __init__(self, hub: ListenerHub, purger: CachePurger | None, grip: GripPublisher | None,
+                 exists: Callable[[str], bool]) -> None:
         self._hub = hub
+        self._purger = purger
         self._grip = grip
         self._exists = exists  # whether a counter exists (for its listeners): a deleted one has no count
         # counter -> {(Pushpin instance, channel): (subscribers, when the report expires)}
@@ -1155,6 +1351,8 @@ class Presence:
         if count == 0:  # forgotten once it rested: a counter nobody watches takes no memory
             asyncio.get_running_loop().call_later(WATCHERS_INTERVAL, self._forget, counter_id)
         self._hub.publish(watchers_key(counter_id), count)
+        if self._purger is not None:
+            self._purger.purge(watchers_key(counter_id))
         if self._grip is not None:
             self._grip.publish(watchers_key(counter_id), count)
 
@@ -1191,11 +1389,8 @@ class Presence:
 
 def counted_channel(channel: str) -> str | None:
     """The counter whose values a GRIP channel carries; None for any other channel."""
-    for multi in (False, True):
-        prefix = grip_channel("", multi)
-        if channel.startswith(prefix):
-            return channel[len(prefix):]
-    return None
+    named = key_of_grip_channel(channel)
+    return named[0] if named is not None and not named[0].startswith(WATCHERS) else None
 
 
 # Pushpin's stats socket (its stats_spec: a ZeroMQ PUB socket) reports each channel's subscribers per
@@ -1317,6 +1512,8 @@ HUB = web.AppKey("hub", ListenerHub)
 GRIP = web.AppKey("grip", GripPublisher | None)  # None without --grip-url
 POST_RATE = web.AppKey("post_rate", RateLimiter | None)  # None without --post-rate
 PRESENCE = web.AppKey("presence", Presence)
+PURGER = web.AppKey("purger", CachePurger | None)  # None without --purge-url
+CACHING = web.AppKey("caching", dict[str, str])  # the caching headers of reads
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -1390,15 +1587,24 @@ def preferred_format(request: web.Request) -> str:
 
 
 # Nothing caches the answer to a POST or PUT, so it has no Cache-Control: a header less on the hot path
-# (the instructions row of bench/run.py). A read must not be cached.
+# (the instructions row of bench/run.py). A read says how it may be cached (caching_headers).
 CHANGED_VALUE_HEADERS = {"Content-Type": "text/plain; charset=utf-8"}
-VALUE_HEADERS = {**CHANGED_VALUE_HEADERS, "Cache-Control": "no-cache"}
 
 
-def value_response(counter_id: str, value: int, media_type: str = PLAIN_TEXT) -> web.Response:
+def value_response(request: web.Request, counter_id: str, field: str, value: int, media_type: str) -> web.Response:
+    """A read of a counter's value or watcher count (field): `27\n`, or {"id": "2", field: 27}."""
+    caching = request.app[CACHING]
     if media_type == "application/json":
-        return web.json_response({"id": counter_id, "value": value}, headers={"Cache-Control": "no-cache"})
-    return web.Response(body=b"%d\n" % value, headers=VALUE_HEADERS)
+        return web.json_response({"id": counter_id, field: value}, headers=caching)
+    return web.Response(body=b"%d\n" % value, headers={**CHANGED_VALUE_HEADERS, **caching})
+
+
+def caching_headers(settings: Settings) -> dict[str, str]:
+    """What reads say about caching: nothing may keep them, unless a cache in front is purged on every
+    change (--purge-url); then it may for --cache-seconds (browsers still may not: max-age is 0)."""
+    if not settings.purge_urls:
+        return {"Cache-Control": "no-cache"}
+    return {"Cache-Control": f"public, max-age=0, s-maxage={settings.cache_seconds}", "Vary": "Accept"}
 
 
 def changed_value_response(value: int) -> web.Response:
@@ -1535,23 +1741,24 @@ def refusing_other_methods(allowed: list[str]) -> Handler:
 # --------------------------------------------------------------------------------------------------
 
 async def get_counter(request: web.Request) -> web.StreamResponse:
+    if "Grip-Last" in request.headers:
+        return what_pushpin_missed(request)
     counter_id = readable_counter_id(request)
     media_type = preferred_format(request)
     if media_type != "text/event-stream":
-        return value_response(counter_id, request.app[STORE].value(counter_id), media_type)
+        return value_response(request, counter_id, "value", request.app[STORE].value(counter_id), media_type)
     return await stream(request, [counter_id], multi=False)
 
 
 async def get_watchers(request: web.Request) -> web.StreamResponse:
     """How many streams carry the counter's values now: like a counter's value, read or watched."""
+    if "Grip-Last" in request.headers:
+        return what_pushpin_missed(request)
     counter_id = readable_counter_id(request)
     media_type = preferred_format(request)
     if media_type == "text/event-stream":
         return await stream(request, [watchers_key(counter_id)], multi=False)
-    watchers = request.app[PRESENCE].count(counter_id)
-    if media_type == "application/json":
-        return web.json_response({"id": counter_id, "watchers": watchers}, headers={"Cache-Control": "no-cache"})
-    return web.Response(body=b"%d\n" % watchers, headers=VALUE_HEADERS)
+    return value_response(request, counter_id, "watchers", request.app[PRESENCE].count(counter_id), media_type)
 
 
 async def counter_badge(request: web.Request) -> web.Response:
@@ -1637,21 +1844,64 @@ async def stream(request: web.Request, keys: list[str], *, multi: bool) -> web.S
 def held_by_pushpin(request: web.Request, first: dict[str, int], multi: bool) -> web.Response:
     """The first frames, and the instructions for Pushpin to hold the stream on the counters' channels.
 
-    The body goes to this client alone (Pushpin forwards each client's request: tests/test_pushpin.py
-    checks that their retry fields differ), so after a Pushpin restart they come back spread too."""
+    Without a cache in front, the body goes to this client alone (Pushpin forwards each client's
+    request: tests/test_pushpin.py checks that their retry fields differ), so after a Pushpin restart
+    they come back spread too; a cache (--purge-url) shares one answer, retry field included."""
     settings = request.app[SETTINGS]
-    keepalive = max(1, round(settings.keepalive_interval))
     return web.Response(
         body=retry_field(settings.reconnect_window) + encode_values(first, stream_style(multi=multi, chunked=False)),
-        headers={**SSE_HEADERS, "Grip-Hold": "stream",
-                 "Grip-Channel": ", ".join(grip_channel(key, multi) for key in first),
-                 "Grip-Keep-Alive": f":\\n\\n; format=cstring; timeout={keepalive}"})
+        headers={**grip_hold_headers(request, list(first), multi), **request.app[CACHING]})
+
+
+def grip_hold_headers(request: web.Request, keys: list[str], multi: bool) -> dict[str, str]:
+    """Pushpin's instructions for a stream of these channels: hold it on each, with the id of the
+    publish its value came with as prev-id (a listener that missed one is found by Pushpin), and the
+    next link, where Pushpin asks what a stream missed.
+
+    Every stream has the same next link, answered from Grip-Last (which names a stream's channels and
+    the last id each got): Pushpin refreshes at most 10 distinct links a second, each for up to 100
+    streams, and refreshes every stream of a channel once it subscribes to it, holding back its
+    publishes meanwhile. With a link per counter, a Pushpin subscribing 300 counters at once held
+    the last of them back for 30 s; with one link, 1,000 streams a second go."""
+    settings, grip = request.app[SETTINGS], request.app[GRIP]
+    channels = ", ".join(f"{grip_channel(key, multi)}; prev-id={grip.publish_id(key)}" for key in keys)
+    counters_path = request.path[:request.path.rindex("/counters")] + "/counters/"  # under any prefix
+    return {**SSE_HEADERS, "Grip-Hold": "stream", "Grip-Channel": channels,
+            "Grip-Link": f"<{counters_path}?after=last>; rel=next; timeout={settings.grip_link_timeout}",
+            "Grip-Keep-Alive": f":\\n\\n; format=cstring; timeout={max(1, round(settings.keepalive_interval))}"}
+
+
+def what_pushpin_missed(request: web.Request) -> web.Response:
+    """The answer to a next link (Pushpin asks it with Grip-Last, whatever its path and Accept say):
+    Grip-Last names the stream's channels and the last id each got. The latest value of each channel
+    that moved past it, and the hold again (nothing moved: an empty body). A counter deleted
+    meanwhile: no hold, which ends the stream."""
+    signature = request.headers.get("Grip-Sig")
+    if not (signature and request.app[GRIP] and grip_sig_valid(signature, request.app[SETTINGS].grip_key)):
+        abort(web.HTTPBadRequest, "Grip-Last comes from Pushpin, with a valid Grip-Sig")
+    last_ids: dict[tuple[str, bool], str] = {}
+    for entry in ",".join(request.headers.getall("Grip-Last")).split(","):
+        channel, _, parameters = entry.partition(";")
+        if (named := key_of_grip_channel(channel.strip())) is None:
+            abort(web.HTTPBadRequest, f"Grip-Last names an unknown channel {channel.strip()!r}")
+        last_ids[named] = parameters.partition("last-id=")[2].strip()
+    multi = any(multi for _, multi in last_ids)
+    grip = request.app[GRIP]
+    missed = {}
+    for (key, _), last_id in last_ids.items():
+        if (value := value_on_channel(request.app, key)) is None:
+            return web.Response(headers={"Cache-Control": "no-store"})
+        if grip.publish_id(key) != last_id:
+            missed[key] = value
+    return web.Response(body=encode_values(missed, stream_style(multi=multi, chunked=False)),
+                        headers={**grip_hold_headers(request, [key for key, _ in last_ids], multi),
+                                 "Cache-Control": "no-store"})
 
 
 def increment_handler(app: web.Application) -> Handler:
     """POST, the hot path. What it needs from the app is looked up once, here: an app[KEY] lookup is a
     call in Python, and a POST needs four (the instructions row of bench/run.py)."""
-    store, hub, grip, post_rate = app[STORE], app[HUB], app[GRIP], app[POST_RATE]
+    store, hub, purger, grip, post_rate = app[STORE], app[HUB], app[PURGER], app[GRIP], app[POST_RATE]
 
     async def increment_counter(request: web.Request) -> web.Response:
         # Everything here runs for every increment, so the default mode awaits nothing.
@@ -1673,7 +1923,7 @@ def increment_handler(app: web.Application) -> Handler:
         if store.durable:
             await made_durable(store, counter_id)  # the save announces it
         else:
-            announce(hub, grip, counter_id, value)
+            announce(hub, purger, grip, counter_id, value)
         return changed_value_response(value)
     return increment_counter
 
@@ -1692,13 +1942,18 @@ async def made_durable(store: CounterStore, counter_id: str) -> None:
         retry_later(web.HTTPServiceUnavailable, str(failure), LAST_RETRY_DELAY)
 
 
-def announce(hub: ListenerHub, grip: GripPublisher | None, counter_id: str, value: int | None) -> None:
+def announce(hub: ListenerHub, purger: CachePurger | None, grip: GripPublisher | None, counter_id: str,
+             value: int | None) -> None:
     """Tell the counter's listeners, here and on Pushpin, its value now (None: it is gone, and the
-    streams of its watcher count end too)."""
+    streams of its watcher count end too), and have the caches in front forget the old one."""
     if value is None:
         hub.drop(counter_id)
     else:
         hub.publish(counter_id, value)
+    if purger is not None:
+        purger.purge(counter_id)
+        if value is None:
+            purger.purge(watchers_key(counter_id))
     if grip is not None:
         grip.publish(counter_id, value)
         if value is None:
@@ -1733,7 +1988,7 @@ async def set_counter(request: web.Request) -> web.Response:
     if store.durable:
         await made_durable(store, counter_id)  # the save announces it
     else:
-        announce(request.app[HUB], request.app[GRIP], counter_id, value)
+        announce(request.app[HUB], request.app[PURGER], request.app[GRIP], counter_id, value)
     return changed_value_response(value)
 
 
@@ -1750,7 +2005,7 @@ async def delete_counter(request: web.Request) -> web.Response:
     if store.durable:
         await made_durable(store, counter_id)  # the save announces it
     else:
-        announce(request.app[HUB], request.app[GRIP], counter_id, None)
+        announce(request.app[HUB], request.app[PURGER], request.app[GRIP], counter_id, None)
     return web.Response(status=204)
 
 
@@ -1763,6 +2018,8 @@ LISTING_HEADERS = {"Cache-Control": "no-cache", "Access-Control-Expose-Headers":
 async def list_counters(request: web.Request) -> web.StreamResponse:
     """Every counter as one JSON object, or a page of them (?limit=N&after=ID); with Accept:
     text/event-stream, a stream of the counters in ?ids=."""
+    if "Grip-Last" in request.headers:
+        return what_pushpin_missed(request)
     if preferred_format(request) == "text/event-stream":
         return await stream_counters(request)
     store = request.app[STORE]
@@ -1841,12 +2098,12 @@ async def stream_counters(request: web.Request) -> web.StreamResponse:
 
 
 async def health(request: web.Request) -> web.Response:
-    """ok, or 503 with what fails: saving the data file, or publishing to Pushpin. With ?local, only
+    """ok, or 503 with what fails: saving the data file, purging a cache, publishing to Pushpin. With ?local, only
     this process's own duty, saving: a load balancer that checks each Pushpin through it must not
     take every Pushpin out because one of them fails to take publishes."""
     problems = [request.app[STORE].save_error]
     if "local" not in request.query:
-        problems.append(request.app[GRIP] and request.app[GRIP].error)
+        problems += [request.app[PURGER] and request.app[PURGER].error, request.app[GRIP] and request.app[GRIP].error]
     if any(problems):
         return web.Response(status=503, text="; ".join(filter(None, problems)) + "\n")
     return web.Response(text="ok\n")
@@ -1870,6 +2127,12 @@ async def metrics(request: web.Request) -> web.Response:
          store.last_saved_at),
         ("saves_failing", "gauge", "1 while saves fail (see /healthz), else 0.", int(store.save_error is not None)),
     ]
+    if (purger := request.app[PURGER]) is not None:
+        samples += [
+            ("purges_total", "counter", "PURGE requests a cache accepted.", purger.purges),
+            ("purge_errors_total", "counter", "PURGE requests that failed.", purger.failures),
+            ("purging_failing", "gauge", "1 while purging a cache fails, else 0.", int(purger.error is not None)),
+        ]
     if (grip := request.app[GRIP]) is not None:
         samples += [
             ("grip_publishes_total", "counter", "Publish requests Pushpin accepted.", grip.published),
@@ -1934,13 +2197,17 @@ def create_app(data_path: str | os.PathLike[str] = Settings.data_path, **options
         keepalive_interval=settings.keepalive_interval, stall_timeout=settings.stall_timeout,
         max_listeners=settings.max_listeners or default_max_listeners(),
         max_listeners_per_ip=settings.max_listeners_per_ip)
+    app[PURGER] = purger = CachePurger(settings.purge_urls) if settings.purge_urls else None
+    app[CACHING] = caching_headers(settings)
     app[GRIP] = grip = (GripPublisher(settings.grip_urls, settings.grip_message_rate)
                         if settings.grip_urls else None)
+    if grip is not None:
+        grip.purger = purger
     app[STORE] = CounterStore(
         settings.data_path, load_counters(settings.data_path), save_interval=settings.save_interval,
         durable=settings.durable, auto_create=settings.auto_create, max_counters=settings.max_counters,
-        announce_durable=lambda counter_id, value: announce(hub, grip, counter_id, value))
-    app[PRESENCE] = Presence(hub, grip, exists=lambda counter_id: app[STORE].announced_value(counter_id) is not None)
+        announce_durable=lambda counter_id, value: announce(hub, purger, grip, counter_id, value))
+    app[PRESENCE] = Presence(hub, purger, grip, exists=lambda counter_id: app[STORE].announced_value(counter_id) is not None)
     if settings.grip_stats:
         import_zmq()  # missing, it is said at the start, not when the first report would come
     app[POST_RATE] = (RateLimiter(settings.post_rate, burst=max(1.0, 2 * settings.post_rate))
@@ -1986,12 +2253,17 @@ async def run_background_work(app: web.Application):
     tasks = [asyncio.create_task(app[STORE].run_saves()), asyncio.create_task(app[HUB].run_sweeps())]
     if app[SETTINGS].grip_stats:
         tasks.append(asyncio.create_task(read_pushpin_stats(app[SETTINGS].grip_stats, app[PRESENCE])))
+    purging = asyncio.create_task(app[PURGER].run()) if app[PURGER] is not None else None
     publishing = asyncio.create_task(app[GRIP].run()) if app[GRIP] is not None else None
     yield
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
     await app[STORE].close()
+    if purging is not None:
+        await app[PURGER].flushed(STOP_PUBLISH_TIMEOUT)
+        purging.cancel()
+        await asyncio.gather(purging, return_exceptions=True)
     if publishing is not None:
         await app[GRIP].flushed(STOP_PUBLISH_TIMEOUT)
         publishing.cancel()

@@ -1082,6 +1082,24 @@ async def test_health_local_leaves_out_a_failing_pushpin(make_client, tmp_path):
     assert (response.status, await response.text()) == (200, "ok\n")
 
 
+async def test_reads_are_cacheable_only_with_a_cache_to_purge(make_client):
+    for options, caching in [({}, {"Cache-Control": "no-cache"}),
+                             ({"purge_urls": ("http://127.0.0.1:9/",), "cache_seconds": 60},
+                              {"Cache-Control": "public, max-age=0, s-maxage=60", "Vary": "Accept"})]:
+        client = await make_client(**options)
+        for path, accept in [("/counters/2/", "text/plain"), ("/counters/2/", "application/json"),
+                             ("/counters/2/watchers/", "text/plain")]:
+            response = await client.get(path, headers={"Accept": accept})
+            assert {name: response.headers.get(name) for name in caching} == caching, (path, accept)
+        for path in ("/counters/2/badge.svg", "/counters/"):  # never kept
+            assert "s-maxage" not in (await client.get(path)).headers["Cache-Control"], path
+        stream = await client.get("/counters/2/", headers=SSE)  # a direct stream: never kept
+        assert stream.headers["Cache-Control"] == "no-cache"
+        stream.close()
+        response = await client.post("/counters/2/")
+        assert "Cache-Control" not in response.headers
+
+
 async def _status_is(request, status):
     response = await request
     return response if response.status == status else None

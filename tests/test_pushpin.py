@@ -45,7 +45,7 @@ class Pushpin:
         (directory / "log").mkdir(exist_ok=True)
         (directory / "routes").write_text(f"* 127.0.0.1:{origin_port}\n")
         config["global"].update(rundir=str(directory / "run"), port_offset=str(offset))
-        config["runner"].update(http_port=str(self.http_port), logdir=str(directory / "log"),
+        config["runner"].update(http_port=str(self.http_port), logdir=str(directory / "log"), log_level=os.environ.get("PUSHPIN_LOG_LEVEL", "2"),
                                 services="condure,zurl,pushpin-proxy,pushpin-handler")
         config["proxy"].update(
             routesfile=str(directory / "routes"), sig_key=SIG_KEY,
@@ -245,7 +245,9 @@ async def test_a_forged_grip_sig_is_not_honoured(setup):
             response.close()
         response = await session.get(f"{origin.url}/counters/1/", headers={**SSE, "Grip-Sig": genuine})
         assert response.headers["Grip-Hold"] == "stream"
-        assert response.headers["Grip-Channel"] == "counter-1"
+        # With the id of the last publish handed to Pushpin (three POSTs: up to the third) and the next link.
+        assert re.fullmatch(r"counter-1; prev-id=[0-9a-f]+\.[0-3]", response.headers["Grip-Channel"])
+        assert response.headers["Grip-Link"] == "</counters/?after=last>; rel=next; timeout=30"
         assert response.headers["Grip-Keep-Alive"] == ":\\n\\n; format=cstring; timeout=15"
         retry, first = (await response.read()).split(b"\n\n", 1)
         retry_of(retry + b"\n\n")
@@ -516,12 +518,64 @@ async def test_a_stop_publishes_the_last_changes_to_the_streams_pushpin_keeps(tm
     changes are still waiting when SIGTERM comes."""
     async with behind_pushpin(tmp_path, data_file, "--grip-message-rate", "4") as (origin, pushpin):
         async with aiohttp.ClientSession() as session:
+            # A process's first publish of a counter has no prev-id, so that Pushpin doesn't wait for
+            # the previous process's ids: streams answered before it ask their next link, which needs
+            # livecounter running. So each counter has been published once before the streams open.
+            for counter_id in "12345":
+                await session.post(f"{origin.url}/counters/{counter_id}/")
+            await asyncio.sleep(3)
             listeners = [await session.get(f"{pushpin.url}/counters/{counter_id}/", headers=SSE)
                          for counter_id in "12345"]
             for listener in listeners:
-                assert await read_frame(listener) == frame(0)
+                assert await read_frame(listener) == frame(1)
+            # Pushpin asks each channel's next link ~1.1 s after its first subscription: let it.
+            await asyncio.sleep(1.5)
             for counter_id in "12345":
                 await session.post(f"{origin.url}/counters/{counter_id}/")
             assert await origin.stop() == 0
             for listener in listeners:
-                assert await read_until_value(listener, 1, timeout=3) == [1]
+                assert await read_until_value(listener, 2, timeout=3) == [2]
+
+
+async def test_streams_opened_while_posts_run_all_end_on_the_final_value(tmp_path, data_file):
+    """The race GRIP's ids close: a change published between livecounter's answer to a new stream and
+    Pushpin's subscribing it. 8 clients POST to one counter for 3 s while 150 streams open through
+    Pushpin; within the next link's timeout (here 1 s) and a second, every stream has the final value.
+    (Without ids, 100 of them stayed on old values for good.)"""
+    async with behind_pushpin(tmp_path, data_file, "--grip-link-timeout", "1") as running:
+        await _streams_opened_while_posts_run(*running)
+
+
+async def _streams_opened_while_posts_run(origin, pushpin):
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        final = 0
+        posting = True
+
+        async def post():
+            nonlocal final
+            while posting:
+                async with session.post(f"{origin.url}/counters/3/") as response:
+                    final = max(final, int(await response.text()))
+        posters = [asyncio.create_task(post()) for _ in range(8)]
+        latest = {}
+
+        async def follow(number):
+            response = await session.get(f"{pushpin.url}/counters/3/", headers=SSE)
+            assert response.status == 200
+            await read_retry(response)
+            while frame_ := await response.content.readuntil(b"\n\n"):
+                if frame_.startswith(b"event: message\n"):
+                    latest[number] = int(frame_.split(b"data: ")[1])
+        readers = []
+        for wave in range(15):  # 10 streams every 0.2 s: a private Pushpin answers 502 to ~100 at once
+            readers += [asyncio.create_task(follow(wave * 10 + n)) for n in range(10)]
+            await asyncio.sleep(0.2)
+        posting = False
+        await asyncio.gather(*posters)
+        try:
+            await wait_until(lambda: len(latest) == 150 and set(latest.values()) == {final}, timeout=2,
+                             message="every stream on the final value 2 s after the last POST")
+        finally:
+            for reader in readers:
+                reader.cancel()
