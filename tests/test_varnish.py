@@ -219,9 +219,11 @@ async def test_after_each_post_a_read_through_varnish_is_fresh_within_half_a_sec
 
 
 async def test_reads_racing_posts_end_on_the_final_value(setup):
-    # A miss in flight while a change is purged can bring the old value into the cache after the
-    # purge; a later purge must take it out again. Readers keep missing while POSTs run: at the
-    # end, the cache holds the final value within a second, and keeps holding it.
+    # Varnish's PURGE (and a ban alike) skips an object still being fetched: a read that livecounter
+    # answered just before a change, and that Varnish stores just after the change's PURGE, stays
+    # in the cache, stale until the next change or s-maxage (seen with Varnish 7.1 and a backend that
+    # answers 1 s late). livecounter must purge again once such a fetch has landed. Readers keep
+    # missing while POSTs run: at the end, the cache holds the final value within 2 s, and keeps it.
     origin, varnish = setup
     url = f"{varnish.url}/counters/2/"
     posting = True
@@ -229,7 +231,7 @@ async def test_reads_racing_posts_end_on_the_final_value(setup):
         async def read_while_posting(accept):
             while posting:
                 await read_value(session, url, accept)
-        readers = [asyncio.create_task(read_while_posting(accept)) for accept in (None, JSON) * 4]
+        readers = [asyncio.create_task(read_while_posting(accept)) for accept in (None, JSON) * 12]
         try:
             for _ in range(100):
                 await session.post(f"{origin.url}/counters/2/")
@@ -237,8 +239,8 @@ async def test_reads_racing_posts_end_on_the_final_value(setup):
         finally:
             posting = False
             await asyncio.gather(*readers)
-        await fresh_within(session, url, b"100\n", seconds=1)
-        await fresh_within(session, url, b'{"id": "2", "value": 100}', JSON, seconds=1)
+        await fresh_within(session, url, b"100\n", seconds=2)
+        await fresh_within(session, url, b'{"id": "2", "value": 100}', JSON, seconds=2)
         await asyncio.sleep(1)
         assert await read_value(session, url) == b"100\n"
         assert await read_value(session, url, JSON) == b'{"id": "2", "value": 100}'
