@@ -1130,8 +1130,9 @@ class GripPublisher:
 
     @property
     def waiting(self) -> int:
-        """For /metrics: changed counters not yet published to the Pushpin furthest behind."""
-        return max(len(target.unpublished) for target in self._targets)
+        """For /metrics: changed counters not yet published to the Pushpin furthest behind (hints,
+        which change nothing, left out)."""
+        return max(sum(value != HINT for value in target.unpublished.values()) for target in self._targets)
 
     def publish(self, key: str, value: int | None) -> None:
         """Queue a channel's latest value (a counter's, or a watcher count; None: the counter was
