@@ -932,6 +932,10 @@ def duplicate(transport: asyncio.Transport) -> socket.socket:
 
 PURGE_TIMEOUT = 2.0  # seconds for one PURGE
 PURGE_BEFORE_PUBLISH = 0.5  # seconds a publish waits at most for its counters' purges
+# Varnish's PURGE (and a ban) passes over an answer it is still fetching: a read answered just
+# before a change and stored just after its purge stays cached until the next change. So every path
+# is purged once more, this long after its last purge: longer than any answer takes to arrive.
+SECOND_PURGE_DELAY = 1.0
 
 
 def purge_path(key: str) -> str:
@@ -946,7 +950,8 @@ class CacheTarget:
 
     def __init__(self, url: str) -> None:
         self.url = url.rstrip("/") + "/"
-        self.unpurged: dict[str, None] = {}  # paths, the oldest first
+        self.unpurged: dict[str, bool] = {}  # paths, the oldest first -> whether it is a second purge
+        self.second_purges: dict[str, asyncio.TimerHandle] = {}  # path -> its second purge to come
         self.purging_now: str | None = None  # the path of the request in flight
         self.wakeup = asyncio.Event()
         self.purging = Outage(f"purging {self.url}")
@@ -967,15 +972,17 @@ class CachePurger:
         """Have every cache drop what it holds of a hub channel (a counter's value or watcher count)."""
         path = purge_path(key)
         for target in self._targets:
-            target.unpurged[path] = None
+            target.unpurged[path] = False
             target.wakeup.set()
 
     async def purged(self, keys: Iterable[str], timeout: float) -> None:
         """Wait until every cache that works has purged these channels, for at most timeout seconds."""
         paths = {purge_path(key) for key in keys}
         deadline = time.monotonic() + timeout
-        while any(target.purging.error is None and (target.purging_now in paths or not paths.isdisjoint(target.unpurged))
-                  for target in self._targets) and time.monotonic() < deadline:
+        while any(target.purging.error is None and (target.purging_now in paths or any(
+                  not target.unpurged.get(path, True) for path in paths)) for target in self._targets):
+            if time.monotonic() > deadline:
+                return
             await asyncio.sleep(0.002)
 
     async def flushed(self, timeout: float) -> None:
@@ -998,14 +1005,14 @@ class CachePurger:
             target.wakeup.clear()
             while target.unpurged:
                 path = target.purging_now = next(iter(target.unpurged))
-                del target.unpurged[path]
+                second = target.unpurged.pop(path)
                 try:
                     async with session.request("PURGE", target.url + path) as response:
                         if response.status >= 300:
                             answer = (await response.read()).decode("utf-8", "replace").strip()[:200]
                             raise aiohttp.ClientError(f"{response.status} {answer}")
                 except Exception as error:  # noqa: BLE001 - a misbehaving cache must not stop purging
-                    target.unpurged.setdefault(path, None)
+                    target.unpurged.setdefault(path, second)
                     target.purging_now = None
                     self.failures += 1
                     target.purging.failed(failure_reason(error))
@@ -1014,6 +1021,20 @@ class CachePurger:
                 target.purging_now = None
                 self.purges += 1
                 target.purging.succeeded()
+                if not second:
+                    self._purge_again_later(target, path)
+
+    def _purge_again_later(self, target: CacheTarget, path: str) -> None:
+        """Purge the path once more when SECOND_PURGE_DELAY passed since its last purge (see there)."""
+        if (pending := target.second_purges.pop(path, None)) is not None:
+            pending.cancel()
+        target.second_purges[path] = asyncio.get_running_loop().call_later(
+            SECOND_PURGE_DELAY, self._purge_again, target, path)
+
+    def _purge_again(self, target: CacheTarget, path: str) -> None:
+        del target.second_purges[path]
+        target.unpurged.setdefault(path, True)
+        target.wakeup.set()
 
 
 # --------------------------------------------------------------------------------------------------
