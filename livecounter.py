@@ -2061,7 +2061,7 @@ def page_of(request: web.Request, counter_ids: list[str], headers: dict[str, str
     """The ids of the page ?limit=N&after=ID asks for: the N after ID in the listing's order (from
     the first without after=). A Link header names the next page, if there is one."""
     limit_text = request.query.get("limit", str(MAX_PAGE))
-    if not (limit_text.isdigit() and 1 <= int(limit_text) <= MAX_PAGE):
+    if not (re.fullmatch(r"[0-9]{1,4}", limit_text) and 1 <= int(limit_text) <= MAX_PAGE):
         abort(web.HTTPBadRequest, f"limit must be a number from 1 to {MAX_PAGE}")
     limit, start = int(limit_text), 0
     if (after := request.query.get("after")) is not None:

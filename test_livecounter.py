@@ -128,6 +128,7 @@ async def test_the_listing_in_pages_says_the_total_and_links_the_next(make_clien
     for query, reason in [("limit=0", b"limit must be a number from 1 to 1000\n"),
                           ("limit=1001", b"limit must be a number from 1 to 1000\n"),
                           ("limit=x", b"limit must be a number from 1 to 1000\n"),
+                          ("limit=%C2%B2", b"limit must be a number from 1 to 1000\n"),  # a superscript 2
                           ("after=gone", b"after='gone' names no counter (deleted since?): list from the start\n")]:
         response = await client.get(f"/counters/?{query}")
         assert (response.status, await response.read()) == (400, reason), query
