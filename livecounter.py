@@ -1872,7 +1872,8 @@ def held_by_pushpin(request: web.Request, first: dict[str, int], multi: bool) ->
     settings = request.app[SETTINGS]
     return web.Response(
         body=retry_field(settings.reconnect_window) + encode_values(first, stream_style(multi=multi, chunked=False)),
-        headers={**grip_hold_headers(request, list(first), multi), **request.app[CACHING]})
+        # Multi-counter streams are never cached: no purge names them.
+        headers={**grip_hold_headers(request, list(first), multi), **({} if multi else request.app[CACHING])})
 
 
 def grip_hold_headers(request: web.Request, keys: list[str], multi: bool) -> dict[str, str]:

@@ -1097,6 +1097,12 @@ async def test_reads_are_cacheable_only_with_a_cache_to_purge(make_client):
         stream = await client.get("/counters/2/", headers=SSE)  # a direct stream: never kept
         assert stream.headers["Cache-Control"] == "no-cache"
         stream.close()
+        if options:  # a multi-counter stream held by Pushpin: never kept either (no purge names it)
+            grip = await make_client(**options, grip_urls=("http://127.0.0.1:9/",))
+            held = await grip.get("/counters/?ids=2,3", headers={**SSE, "Grip-Sig": "unchecked: no key"})
+            assert held.headers["Grip-Hold"] == "stream" and held.headers["Cache-Control"] == "no-cache"
+            held = await grip.get("/counters/2/", headers={**SSE, "Grip-Sig": "unchecked: no key"})
+            assert held.headers["Cache-Control"] == caching["Cache-Control"]
         response = await client.post("/counters/2/")
         assert "Cache-Control" not in response.headers
 
