@@ -1366,8 +1366,11 @@ class Presence:
 
     def _send(self, counter_id: str) -> None:
         del self._pending[counter_id]
+        if not self._exists(counter_id):  # deleted: its count starts from 0 if it is made again
+            self._sent.pop(counter_id, None)
+            return
         count = self.count(counter_id)
-        if count == self._sent.get(counter_id, (0, 0))[0] or not self._exists(counter_id):
+        if count == self._sent.get(counter_id, (0, 0))[0]:
             return
         self._sent[counter_id] = (count, time.monotonic())
         if count == 0:  # forgotten once it rested: a counter nobody watches takes no memory
@@ -1383,16 +1386,22 @@ class Presence:
             del self._sent[counter_id]
 
     def reported(self, report: dict[str, Any]) -> None:
-        """A `sub` report from Pushpin's stats: one channel's subscribers on one Pushpin instance."""
+        """A `sub` report from Pushpin's stats: one channel's subscribers on one Pushpin instance.
+        ValueError for a report that makes no sense (a count below 0, a ttl that isn't one)."""
         counter_id = counted_channel(str(report["channel"]))
         if counter_id is None:
             return  # a watcher count's channel: its subscribers watch the count, not the counter
-        reports = self._proxied.setdefault(counter_id, {})
         source = (str(report["from"]), str(report["channel"]))
-        if report.get("unavailable"):  # the last subscriber on that instance left
+        unavailable = bool(report.get("unavailable"))  # the last subscriber on that instance left
+        if not unavailable:
+            subscribers, ttl = report.get("subscribers", 1), report["ttl"]
+            if type(subscribers) is not int or subscribers < 0 or type(ttl) not in (int, float) or not 0 < ttl < 86_400:
+                raise ValueError(f"subscribers {subscribers!r}, ttl {ttl!r}")
+        reports = self._proxied.setdefault(counter_id, {})
+        if unavailable:
             reports.pop(source, None)
         else:
-            reports[source] = (int(report.get("subscribers", 1)), time.monotonic() + float(report["ttl"]))
+            reports[source] = (subscribers, time.monotonic() + ttl)
         if not reports:
             del self._proxied[counter_id]
         self.changed(counter_id)
@@ -1430,7 +1439,10 @@ async def read_pushpin_stats(endpoints: tuple[str, ...], presence: Presence) -> 
     sock = context.socket(zmq.SUB)
     sock.setsockopt(zmq.SUBSCRIBE, b"sub ")
     for endpoint in endpoints:
-        sock.connect(endpoint)
+        try:
+            sock.connect(endpoint)
+        except zmq.ZMQError as error:  # e.g. no such transport: the others are still read
+            log.error("can't read Pushpin's stats at %s: %s", endpoint, error)
     unreadable = False  # logged once: a Pushpin that sends what this can't read
     try:
         while True:
@@ -1438,7 +1450,7 @@ async def read_pushpin_stats(endpoints: tuple[str, ...], presence: Presence) -> 
                 message = await sock.recv()
                 try:
                     presence.reported(stats_report(message))
-                except (ValueError, KeyError, TypeError) as error:
+                except Exception as error:  # noqa: BLE001 - whatever a Pushpin sends, the reading goes on
                     if not unreadable:
                         log.warning("a Pushpin stats message this can't read (%s): %.200r", error, message)
                     unreadable = True

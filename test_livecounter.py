@@ -951,6 +951,50 @@ async def test_a_multi_stream_with_watchers_sends_each_count_and_counts_itself(c
     sock.close()
 
 
+async def test_a_counter_deleted_and_made_again_counts_its_watchers_from_0(make_client):
+    client = await make_client(admin_token="secret")
+    admin = {"Authorization": "Bearer secret"}
+    stream = await client.get("/counters/2/", headers=SSE)
+    await read_frame(stream)
+    await wait_until(lambda: _equals(watchers_of(client), 1))
+    await asyncio.sleep(0.6)  # the count went out
+    assert (await client.delete("/counters/2/", headers=admin)).status == 204
+    assert (await client.put("/counters/2/", json={"value": 0}, headers=admin)).status == 200
+    count_stream = await client.get("/counters/2/watchers/", headers=SSE)
+    assert await read_frame(count_stream) == frame(0)
+    again = await client.get("/counters/2/", headers=SSE)
+    await read_frame(again)
+    assert await read_until_value(count_stream, 1) == [1]  # not held back as "1 was sent already"
+    again.close()
+
+
+async def test_garbage_from_a_pushpin_stats_socket_is_logged_and_reading_goes_on(make_client, caplog):
+    """A stats socket that sends what no Pushpin would (a PUB socket of the test's own: only malformed
+    reports need it; tests/test_pushpin.py reads a real Pushpin's)."""
+    import zmq
+    import zmq.asyncio
+    context = zmq.asyncio.Context()
+    publisher = context.socket(zmq.PUB)
+    port = publisher.bind_to_random_port("tcp://127.0.0.1")
+    client = await make_client(grip_urls=("http://127.0.0.1:9/",), grip_stats=(f"tcp://127.0.0.1:{port}",))
+
+    def report(subscribers, ttl=b"60"):
+        return b'sub J{"channel": "counter-2", "from": "p1", "subscribers": %s, "ttl": %s}' % (subscribers, ttl)
+    try:
+        async def counted(expected, message):
+            await publisher.send(message)
+            return await watchers_of(client) == expected
+        await wait_until(lambda: counted(5, report(b"5")), message="a report is read")  # PUB drops until joined
+        for garbage in (b"sub Jnot json", report(b"-3"), report(b"1e999"), report(b"2", b"1e999"),
+                        b"sub T" + b"[" * 5000, b"sub J" + b"[" * 100_000 + b"]" * 100_000):
+            await publisher.send(garbage)
+        await wait_until(lambda: counted(7, report(b"7")), message="reading went on")
+    finally:
+        publisher.close(linger=0)
+        context.term()
+    assert len([r for r in caplog.records if "stats message this can't read" in r.getMessage()]) == 1
+
+
 async def test_a_shutdown_ends_the_streams_of_watcher_counts(data_file):
     server = await Server(data_file).start()
     sock = await open_raw(server.port, sse_request("/counters/2/watchers/"))
