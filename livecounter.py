@@ -1048,6 +1048,7 @@ class CachePurger:
 PUBLISH_BATCH = 500  # counters per publish request; a long outage may leave many to catch up
 PUBLISH_TIMEOUT = 5.0  # seconds; a slow Pushpin delays only its own next publish
 HINT_DELAY = 0.25  # seconds after a channel's last publish to a Pushpin, its hint (see _hint)
+HINT_WINDOW = 2.0  # seconds: a publish is hinted if a stream was held on its channel this lately
 HINT = "hint"  # in a Pushpin's queue in place of a value: the channel's streams are to ask their next link
 STOP_PUBLISH_TIMEOUT = 2.0  # seconds a stop waits for the last publishes (streams on Pushpin outlive it)
 ITEMS_PER_CHANGE = 2  # a change goes to both of its counter's channels (publish_items)
@@ -1126,12 +1127,15 @@ class GripPublisher:
 
     def __init__(self, urls: tuple[str, ...], message_rate: float = Settings.grip_message_rate) -> None:
         self._targets = [PushpinTarget(url, message_rate) for url in urls]
-        # Publish ids are "<epoch>.<n>": n counts a channel's publishes in this process, the epoch (its
-        # start, in ms) keeps a restarted process's ids from repeating old ones (Pushpin drops an id it
-        # saw within id_cache_ttl, and takes an old prev-id for current).
+        # Publish ids are "<epoch>.<n>": n counts the publishes of this process, the epoch (its start,
+        # in ms) keeps a restarted process's ids from repeating old ones (Pushpin drops an id it saw
+        # within id_cache_ttl, and takes an old prev-id for current). Counted over every channel, an
+        # id is never used twice, so a channel's entries can be forgotten (see forget).
         self._epoch = f"{int(time.time() * 1000):x}"
-        self._numbers: dict[str, int] = {}  # channel key -> its publishes so far
+        self._count = 0
+        self._numbers: dict[str, int] = {}  # channel key -> the number of its latest publish
         self._handed: dict[str, int] = {}  # channel key -> the latest of them handed to a Pushpin
+        self._answered: dict[str, float] = {}  # channel key -> when a stream was last held on it
         self.purger: CachePurger | None = None  # a cache in front: its purges go before each publish
         self.published = 0  # for /metrics: publish requests Pushpin accepted
         self.failures = 0
@@ -1158,7 +1162,8 @@ class GripPublisher:
     def publish(self, key: str, value: int | None) -> None:
         """Queue a channel's latest value (a counter's, or a watcher count; None: the counter was
         deleted) for every Pushpin; never waits."""
-        self._numbers[key] = self._numbers.get(key, 0) + 1
+        self._count += 1
+        self._numbers[key] = self._count
         for target in self._targets:
             target.unpublished[key] = value
             target.wakeup.set()
@@ -1210,14 +1215,43 @@ class GripPublisher:
             target.sending = False
             target.sent.update(numbers)
             for key in numbers:
-                self._hint_later(target, key)
+                if key in target.hints or self._answered_lately(key):
+                    self._hint_later(target, key)
+            for key, value in batch.items():
+                if value is None:  # closed: forgotten once every Pushpin had it
+                    self.forget(key)
             self.published += 1
             target.publishing.succeeded()
             if target.unpublished:
                 target.wakeup.set()
 
+    def answered(self, keys: Iterable[str]) -> None:
+        """Streams are held on these channels now: their next publishes are followed by a hint."""
+        now = time.monotonic()
+        if len(self._answered) > 10_000:  # forget what is past HINT_WINDOW: many ids under auto-create
+            self._answered = {key: when for key, when in self._answered.items() if now - when < HINT_WINDOW}
+        for key in keys:
+            self._answered[key] = now
+
+    def _answered_lately(self, key: str) -> bool:
+        return time.monotonic() - self._answered.get(key, -math.inf) < HINT_WINDOW
+
+    def forget(self, key: str) -> None:
+        """Forget a channel nobody listens to any more (a counter deleted, a watcher count back to 0):
+        its next publish, if any, names no prev-id a listener could have (number 0)."""
+        if any(key in target.unpublished for target in self._targets):
+            return  # still to be sent: forgotten another time
+        self._numbers.pop(key, None)
+        self._handed.pop(key, None)
+        self._answered.pop(key, None)
+        for target in self._targets:
+            target.sent.pop(key, None)
+            if (pending := target.hints.pop(key, None)) is not None:
+                pending.cancel()
+
     def _hint_later(self, target: PushpinTarget, key: str) -> None:
-        """Hint the channel's streams on this Pushpin once its publishes paused for HINT_DELAY.
+        """Hint the channel's streams on this Pushpin once its publishes paused for HINT_DELAY, if
+        a stream was held on it lately (within HINT_WINDOW).
 
         Pushpin's ids leave one gap (1.36): a stream answered before a publish but subscribed after
         it was delivered is checked against the last id Pushpin recorded for the channel, and every
@@ -1368,6 +1402,8 @@ class Presence:
         del self._pending[counter_id]
         if not self._exists(counter_id):  # deleted: its count starts from 0 if it is made again
             self._sent.pop(counter_id, None)
+            if self._grip is not None:
+                self._grip.forget(watchers_key(counter_id))
             return
         count = self.count(counter_id)
         if count == self._sent.get(counter_id, (0, 0))[0]:
@@ -1384,6 +1420,8 @@ class Presence:
     def _forget(self, counter_id: str) -> None:
         if self._sent.get(counter_id, (None,))[0] == 0 and counter_id not in self._pending:
             del self._sent[counter_id]
+            if self._grip is not None:
+                self._grip.forget(watchers_key(counter_id))
 
     def reported(self, report: dict[str, Any]) -> None:
         """A `sub` report from Pushpin's stats: one channel's subscribers on one Pushpin instance.
@@ -1899,6 +1937,7 @@ def grip_hold_headers(request: web.Request, keys: list[str], multi: bool) -> dic
     publishes meanwhile. With a link per counter, a Pushpin subscribing 300 counters at once held
     the last of them back for 30 s; with one link, 1,000 streams a second go."""
     settings, grip = request.app[SETTINGS], request.app[GRIP]
+    grip.answered(keys)
     channels = ", ".join(f"{grip_channel(key, multi)}; prev-id={grip.publish_id(key)}" for key in keys)
     counters_path = request.path[:request.path.rindex("/counters")] + "/counters/"  # under any prefix
     return {**SSE_HEADERS, "Grip-Hold": "stream", "Grip-Channel": channels,

@@ -1226,6 +1226,48 @@ async def test_a_publish_timeout_is_reported_and_publishing_goes_on(aiohttp_serv
     assert not {"livecounter_grip_publish_errors_total 0", "livecounter_grip_publishes_total 0"} & set(metrics)
 
 
+async def fake_pushpin(aiohttp_server):
+    """A publish endpoint that takes everything: the items it got, and its URL."""
+    items = []
+
+    async def publish(request):
+        items.extend((await request.json())["items"])
+        return web.Response(text="Published\n")
+    pushpin = web.Application()
+    pushpin.router.add_post("/publish/", publish)
+    return items, str((await aiohttp_server(pushpin)).make_url("/"))
+
+
+async def test_hints_follow_only_channels_with_streams_held_lately(aiohttp_server, make_client):
+    """A hint (every stream of a channel asks its next link) closes a gap only streams held just
+    before a publish can fall in: changes of counters nobody was given cost their two items, no more."""
+    items, url = await fake_pushpin(aiohttp_server)
+    client = await make_client(grip_urls=(url,))
+    for counter_id in "12345":
+        await client.post(f"/counters/{counter_id}/")
+    held = await client.get("/counters/6/", headers={**SSE, "Grip-Sig": "unchecked: no key"})
+    assert held.headers["Grip-Hold"] == "stream"
+    await client.post("/counters/6/")
+    await asyncio.sleep(0.6)  # past every hint's delay
+    actions = [(item["channel"], item["formats"]["http-stream"].get("action", "send")) for item in items]
+    assert sorted(channel for channel, action in actions if action == "hint") == ["counter-6", "counters:6"]
+    assert len([action for _, action in actions if action == "send"]) == 12
+
+
+async def test_anonymous_streams_under_auto_create_leave_no_publisher_state(aiohttp_server, make_client):
+    """--auto-create lets anyone watch any id: each stream's arrival and departure publishes a watcher
+    count. What the publisher keeps of those channels goes once their count is back to 0."""
+    items, url = await fake_pushpin(aiohttp_server)
+    client = await make_client(grip_urls=(url,), auto_create=True, max_counters=10)
+    for n in range(200):
+        stream = await client.get(f"/counters/anonymous-{n}/", headers=SSE)
+        await read_frame(stream)
+        stream.close()
+    grip = client.app[livecounter.GRIP]
+    await wait_until(lambda: not (grip._numbers or grip._handed), timeout=5, message="forgotten")
+    assert any(item["channel"] == "watchers-anonymous-199" for item in items)
+
+
 # --- the command line, as separate processes -------------------------------------------------------
 
 async def test_values_survive_a_restart(data_file):
