@@ -1972,7 +1972,9 @@ def grip_hold_headers(request: web.Request, keys: list[str], multi: bool) -> dic
     settings, grip = request.app[SETTINGS], request.app[GRIP]
     grip.answered(keys)
     channels = ", ".join(f"{grip_channel(key, multi)}; prev-id={grip.publish_id(key)}" for key in keys)
-    counters_path = request.path[:request.path.rindex("/counters")] + "/counters/"  # under any prefix
+    # /counters/ under the app's prefix, if a sub-app: from the route's pattern, where an id is {counter_id}
+    route_pattern = request.match_info.route.resource.canonical
+    counters_path = route_pattern[:route_pattern.rindex("/counters")] + "/counters/"
     return {**SSE_HEADERS, "Grip-Hold": "stream", "Grip-Channel": channels,
             "Grip-Link": f"<{counters_path}?after=last>; rel=next; timeout={settings.grip_link_timeout}",
             "Grip-Keep-Alive": f":\\n\\n; format=cstring; timeout={max(1, round(settings.keepalive_interval))}"}

@@ -1262,6 +1262,23 @@ async def test_hints_follow_only_channels_with_streams_held_lately(aiohttp_serve
     assert len([action for _, action in actions if action == "send"]) == 12
 
 
+async def test_every_held_stream_has_the_same_next_link_also_under_a_prefix(tmp_path, aiohttp_client):
+    """Pushpin refreshes at most ten distinct next links a second (docs/pushpin.md): every stream has
+    /counters/?after=last under the app's prefix, whatever its counter is called."""
+    (tmp_path / "counters.json").write_text(json.dumps({"counters": 0, "counters2": 0, "2": 0}))
+    for prefix in ("", "/counters-app"):
+        app = create_app(tmp_path / "counters.json", grip_urls=("http://127.0.0.1:9/",))
+        if prefix:
+            parent, app = web.Application(), app
+            parent.add_subapp(prefix + "/", app)
+            app = parent
+        client = await aiohttp_client(app)
+        for path in ("/counters/counters/", "/counters/counters2", "/counters/counters/watchers/",
+                     "/counters/?ids=2,counters&watchers=1", "/counters/2/"):
+            held = await client.get(prefix + path, headers={**SSE, "Grip-Sig": "unchecked: no key"})
+            assert held.headers["Grip-Link"] == f"<{prefix}/counters/?after=last>; rel=next; timeout=30", path
+
+
 async def test_anonymous_streams_under_auto_create_leave_no_publisher_state(aiohttp_server, make_client):
     """--auto-create lets anyone watch any id: each stream's arrival and departure publishes a watcher
     count. What the publisher keeps of those channels goes once their count is back to 0."""
