@@ -1021,12 +1021,14 @@ class CachePurger:
     async def flushed(self, timeout: float) -> None:
         """On a stop: wait until every cache has purged everything, for at most timeout seconds."""
         deadline = time.monotonic() + timeout
-        while any(target.unpurged or target.purging_now for target in self._targets):
+        # A cache that fails is not waited for: it is retried after its delay, not before the end.
+        while any((target.unpurged or target.purging_now) and target.purging.error is None for target in self._targets):
             if time.monotonic() > deadline:
-                log.warning("stopping with %d reads not purged from every cache: they may be stale there "
-                            "for --cache-seconds", max(len(target.unpurged) for target in self._targets))
-                return
+                break
             await asyncio.sleep(0.02)
+        if unpurged := max(len(target.unpurged) + bool(target.purging_now) for target in self._targets):
+            log.warning("stopping with %d read%s not purged from every cache: stale there for up to "
+                        "--cache-seconds", unpurged, "s" * (unpurged != 1))
 
     async def run(self) -> None:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=PURGE_TIMEOUT)) as session:
@@ -1305,12 +1307,15 @@ class GripPublisher:
         """Wait until every change has been published to every Pushpin, for at most timeout seconds:
         on a stop, so that the last changes still reach the streams the Pushpins keep holding."""
         deadline = time.monotonic() + timeout
-        while any(target.unpublished or target.sending for target in self._targets):
+        # A Pushpin that fails is not waited for: it is retried after its delay, not before the end.
+        while any((target.unpublished or target.sending) and target.publishing.error is None
+                  for target in self._targets):
             if time.monotonic() > deadline:
-                log.warning("stopping with the latest values of %d counters not published to every Pushpin",
-                            self.waiting)
-                return
+                break
             await asyncio.sleep(0.02)
+        if waiting := self.waiting:
+            log.warning("stopping with the latest value%s of %d counter%s not published to every Pushpin",
+                        "s" * (waiting != 1), waiting, "s" * (waiting != 1))
 
 
     def _items(self, target: PushpinTarget, numbers: dict[str, int],
@@ -1902,11 +1907,15 @@ async def stream(request: web.Request, keys: list[str], *, multi: bool) -> web.S
     for key, value in first.items():
         if value is None:  # in durable mode, a counter whose creation isn't on disk yet
             unknown_counter(key.removeprefix(WATCHERS))
-    for key in keys:  # a stream of a counter and its watcher count counts itself (see _register)
-        if watchers_key(key) in first:
-            first[watchers_key(key)] += 1
     signature = request.headers.get("Grip-Sig")
-    if signature and request.app[GRIP] and grip_sig_valid(signature, request.app[SETTINGS].grip_key):
+    held = bool(signature and request.app[GRIP] and grip_sig_valid(signature, request.app[SETTINGS].grip_key))
+    # A stream of a counter and its watcher count counts itself (see _register), if it will be
+    # counted: here, or on Pushpin if its stats are read.
+    if not held or request.app[SETTINGS].grip_stats:
+        for key in keys:
+            if watchers_key(key) in first:
+                first[watchers_key(key)] += 1
+    if held:
         return held_by_pushpin(request, first, multi)
     transport = request.transport  # aiohttp forgets it when the client leaves: held for take_over
     if transport is None:
@@ -2368,14 +2377,12 @@ async def run_background_work(app: web.Application):
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
     await app[STORE].close()
-    if purging is not None:
-        await app[PURGER].flushed(STOP_PUBLISH_TIMEOUT)
-        purging.cancel()
-        await asyncio.gather(purging, return_exceptions=True)
-    if publishing is not None:
-        await app[GRIP].flushed(STOP_PUBLISH_TIMEOUT)
-        publishing.cancel()
-        await asyncio.gather(publishing, return_exceptions=True)
+    outbound = [(app[PURGER], purging), (app[GRIP], publishing)]
+    await asyncio.gather(*(sender.flushed(STOP_PUBLISH_TIMEOUT) for sender, task in outbound if task is not None))
+    for _, task in outbound:
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
 
 
 async def end_streams(app: web.Application) -> None:

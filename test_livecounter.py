@@ -1279,6 +1279,32 @@ async def test_every_held_stream_has_the_same_next_link_also_under_a_prefix(tmp_
             assert held.headers["Grip-Link"] == f"<{prefix}/counters/?after=last>; rel=next; timeout=30", path
 
 
+async def test_a_held_stream_counts_itself_only_where_it_is_counted(make_client):
+    """A multi stream with watchers=1 counts itself in its first watchers frame: held by Pushpin, it is
+    counted only through Pushpin's stats (--grip-stats), so without them it doesn't count itself."""
+    client = await make_client(grip_urls=("http://127.0.0.1:9/",))
+    held = await client.get("/counters/?ids=2&watchers=1", headers={**SSE, "Grip-Sig": "unchecked: no key"})
+    assert (await held.read()).endswith(b'event: watchers\ndata: {"id": "2", "watchers": 0}\n\n')
+    direct = await client.get("/counters/?ids=2&watchers=1", headers=SSE)
+    await read_retry(direct)
+    await read_frame(direct)
+    assert await read_frame(direct) == b'event: watchers\ndata: {"id": "2", "watchers": 1}\n\n'
+    direct.close()
+
+
+async def test_a_stop_does_not_wait_for_a_pushpin_or_cache_that_is_down(data_file):
+    server = await Server(data_file, "--grip-url", "http://127.0.0.1:9/", "--purge-url", "http://127.0.0.1:9/").start()
+    async with aiohttp.ClientSession() as session:
+        await session.post(f"{server.url}/counters/1/")
+        await wait_until(lambda: _status_is(session.get(f"{server.url}/healthz"), 503))
+    started = time.monotonic()
+    assert await server.stop() == 0
+    assert time.monotonic() - started < 1.5  # not 2 s for each, one after the other
+    log = server.log.read_text()
+    assert "stopping with the latest value of 1 counter not published to every Pushpin" in log
+    assert "stopping with 1 read not purged from every cache" in log
+
+
 async def test_anonymous_streams_under_auto_create_leave_no_publisher_state(aiohttp_server, make_client):
     """--auto-create lets anyone watch any id: each stream's arrival and departure publishes a watcher
     count. What the publisher keeps of those channels goes once their count is back to 0."""
