@@ -315,6 +315,18 @@ class Outage:
             self.error = None
 
 
+def errors_of(outages: Iterable[Outage]) -> str | None:
+    """Why they fail, for /healthz; None while all of them work."""
+    return "; ".join(outage.error for outage in outages if outage.error) or None
+
+
+async def waited(done: Callable[[], bool], timeout: float, interval: float) -> None:
+    """Return once done() holds, or after timeout seconds, asking every interval seconds."""
+    deadline = time.monotonic() + timeout
+    while not done() and time.monotonic() < deadline:
+        await asyncio.sleep(interval)
+
+
 Announce = Callable[[str, int | None], None]  # tells listeners a counter's value (None: it is gone)
 
 
@@ -999,7 +1011,7 @@ class CachePurger:
     @property
     def error(self) -> str | None:
         """Why purging fails, for /healthz; None while it works."""
-        return "; ".join(target.purging.error for target in self._targets if target.purging.error) or None
+        return errors_of(target.purging for target in self._targets)
 
     def purge(self, key: str) -> None:
         """Have every cache drop what it holds of a hub channel (a counter's value or watcher count)."""
@@ -1011,21 +1023,15 @@ class CachePurger:
     async def purged(self, keys: Iterable[str], timeout: float) -> None:
         """Wait until every cache that works has purged these channels, for at most timeout seconds."""
         paths = {purge_path(key) for key in keys}
-        deadline = time.monotonic() + timeout
-        while any(target.purging.error is None and (target.purging_now in paths or any(
-                  not target.unpurged.get(path, True) for path in paths)) for target in self._targets):
-            if time.monotonic() > deadline:
-                return
-            await asyncio.sleep(0.002)
+        await waited(lambda: not any(target.purging.error is None and (target.purging_now in paths or any(
+                     not target.unpurged.get(path, True) for path in paths)) for target in self._targets),
+                     timeout, 0.002)
 
     async def flushed(self, timeout: float) -> None:
         """On a stop: wait until every cache has purged everything, for at most timeout seconds."""
-        deadline = time.monotonic() + timeout
         # A cache that fails is not waited for: it is retried after its delay, not before the end.
-        while any((target.unpurged or target.purging_now) and target.purging.error is None for target in self._targets):
-            if time.monotonic() > deadline:
-                break
-            await asyncio.sleep(0.02)
+        await waited(lambda: not any((target.unpurged or target.purging_now) and target.purging.error is None
+                                     for target in self._targets), timeout, 0.02)
         if unpurged := max(len(target.unpurged) + bool(target.purging_now) for target in self._targets):
             log.warning("stopping with %d read%s not purged from every cache: stale there for up to "
                         "--cache-seconds", unpurged, "s" * (unpurged != 1))
@@ -1186,7 +1192,7 @@ class GripPublisher:
     @property
     def error(self) -> str | None:
         """Why publishing fails, for /healthz; None while it works."""
-        return "; ".join(target.publishing.error for target in self._targets if target.publishing.error) or None
+        return errors_of(target.publishing for target in self._targets)
 
     @property
     def waiting(self) -> int:
@@ -1306,17 +1312,12 @@ class GripPublisher:
     async def flushed(self, timeout: float) -> None:
         """Wait until every change has been published to every Pushpin, for at most timeout seconds:
         on a stop, so that the last changes still reach the streams the Pushpins keep holding."""
-        deadline = time.monotonic() + timeout
         # A Pushpin that fails is not waited for: it is retried after its delay, not before the end.
-        while any((target.unpublished or target.sending) and target.publishing.error is None
-                  for target in self._targets):
-            if time.monotonic() > deadline:
-                break
-            await asyncio.sleep(0.02)
+        await waited(lambda: not any((target.unpublished or target.sending) and target.publishing.error is None
+                                     for target in self._targets), timeout, 0.02)
         if waiting := self.waiting:
             log.warning("stopping with the latest value%s of %d counter%s not published to every Pushpin",
                         "s" * (waiting != 1), waiting, "s" * (waiting != 1))
-
 
     def _items(self, target: PushpinTarget, numbers: dict[str, int],
                batch: dict[str, int | str | None]) -> list[dict[str, object]]:
