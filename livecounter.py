@@ -4,7 +4,9 @@
     GET  /counters/{id}/                               the value: ``27\\n`` (or JSON with Accept: application/json)
     GET  /counters/{id}/  Accept: text/event-stream    the value, then every change on the same response
     GET  /counters/?ids=1,2  Accept: text/event-stream one stream of ``counter`` events for several counters
-    GET  /counters/                                    every counter as one JSON object
+    GET  /counters/{id}/watchers/                      how many streams watch it: read, or watched like a value
+    GET  /counters/{id}/badge.svg                      the value as an SVG badge (also .../watchers/badge.svg)
+    GET  /counters/                                    every counter as one JSON object (?limit=&after=: a page)
     PUT, DELETE /counters/{id}/                        admin writes (Authorization: Bearer $LIVECOUNTER_ADMIN_TOKEN)
     GET  /  /embed.js  /metrics  /healthz              demo page, embeddable script, Prometheus, health
 
@@ -24,7 +26,8 @@ per save interval, and once more on shutdown), or before the answer with --durab
 Every change is encoded once and written to each listener's socket; a listener that stops reading
 skips values and gets the latest when it drains, and a hot counter coalesces its broadcasts so that
 fan-out never starves increments. With --grip-url, Pushpin holds the streams and livecounter
-publishes the changes to it.
+publishes the changes to it (with GRIP's ids, so none is missed); with --purge-url, a cache in front
+(Varnish) answers reads and new viewers, and every change purges it.
 """
 
 from __future__ import annotations
