@@ -1160,7 +1160,7 @@ class PushpinTarget:
         self.wakeup = asyncio.Event()
         self.publishing = Outage(f"publishing to {self.publish_url}")
         self.pacing = PublishPacing(message_rate)
-        self.sending = False  # a publish request is in flight
+        self.sending: dict[str, int | str | None] = {}  # what the request in flight carries
         self.sent: dict[str, int] = {}  # channel key -> the publish number last sent here (its prev-id)
 
 
@@ -1199,9 +1199,10 @@ class GripPublisher:
 
     @property
     def waiting(self) -> int:
-        """For /metrics: changed counters not yet published to the Pushpin furthest behind (hints,
-        which change nothing, left out)."""
-        return max(sum(value != HINT for value in target.unpublished.values()) for target in self._targets)
+        """For /metrics: changed counters not yet published to the Pushpin furthest behind, the ones
+        in flight included (hints, which change nothing, left out)."""
+        return max(len({key for queue in (target.unpublished, target.sending) for key, value in queue.items()
+                        if value != HINT}) for target in self._targets)
 
     def publish(self, key: str, value: int | None) -> None:
         """Queue a channel's latest value (a counter's, or a watcher count; None: the counter was
@@ -1238,7 +1239,7 @@ class GripPublisher:
             batch = dict(itertools.islice(target.unpublished.items(), changes))
             for counter_id in batch:
                 del target.unpublished[counter_id]
-            target.sending = True
+            target.sending = batch
             # Each value's number: the latest queued. (Not for a deletion or a hint: neither has an id.)
             numbers = {key: self._numbers[key] for key, value in batch.items() if type(value) is int}
             for key, number in numbers.items():
@@ -1252,11 +1253,11 @@ class GripPublisher:
                     target.unpublished.setdefault(counter_id, value)  # unless superseded meanwhile
                 self.failures += 1
                 target.publishing.failed(failure_reason(error))
-                target.sending = False
+                target.sending = {}
                 await asyncio.sleep(target.publishing.retry_delay)
                 target.wakeup.set()
                 continue
-            target.sending = False
+            target.sending = {}
             target.sent.update(numbers)
             for key in numbers:
                 if key in target.hints or self._answered_lately(key):

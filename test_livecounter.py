@@ -1305,6 +1305,28 @@ async def test_a_stop_does_not_wait_for_a_pushpin_or_cache_that_is_down(data_fil
     assert "stopping with 1 read not purged from every cache" in log
 
 
+async def test_a_stop_says_what_a_publish_still_in_flight_carried(data_file):
+    """A Pushpin that takes the publish request and never answers: the stop waits 2 s for it, then says
+    that the counter's latest value may not have got there (it was in flight, not queued)."""
+    async def hang(reader, writer):
+        await reader.read(65536)
+        await asyncio.sleep(10)
+        writer.close()
+    pushpin = await asyncio.start_server(hang, "127.0.0.1", 0)
+    try:
+        port = pushpin.sockets[0].getsockname()[1]
+        server = await Server(data_file, "--grip-url", f"http://127.0.0.1:{port}/").start()
+        async with aiohttp.ClientSession() as session:
+            await session.post(f"{server.url}/counters/1/")
+        await asyncio.sleep(0.3)  # the publish is at the Pushpin, unanswered
+        started = time.monotonic()
+        assert await server.stop() == 0
+        assert 1.5 < time.monotonic() - started < 4
+        assert "stopping with the latest value of 1 counter not published to every Pushpin" in server.log.read_text()
+    finally:
+        pushpin.close()
+
+
 async def test_anonymous_streams_under_auto_create_leave_no_publisher_state(aiohttp_server, make_client):
     """--auto-create lets anyone watch any id: each stream's arrival and departure publishes a watcher
     count. What the publisher keeps of those channels goes once their count is back to 0."""
