@@ -157,8 +157,8 @@ class Settings:
                                         "separated by spaces)", flag="--grip-url", shown="none")
     grip_link_timeout: int = option(30, "seconds after which Pushpin asks livecounter what an idle stream "
                                     "missed (its next link's timeout=): the longest a stream Pushpin took "
-                                    "for current can miss a change; each Pushpin asks at most 1,000 streams' "
-                                    "a second", parse=positive_int)
+                                    "for current can miss a change (each Pushpin refreshes at most 1,000 "
+                                    "streams a second)", parse=positive_int)
     grip_stats: tuple[str, ...] = option((), "a Pushpin instance's stats socket (its stats_spec, e.g. "
                                          "ipc:///run/pushpin/pushpin-stats), so that watcher counts include "
                                          "the streams it holds; needs pyzmq (repeat for each; the variable "
