@@ -442,8 +442,8 @@ class CounterStore:
     async def ids_after(self, counter_id: str, limit: int) -> list[str] | None:
         """The `limit` ids after counter_id in the listing's order; None if it is no counter. The ids
         are copied once for each state of the set of counters (12 ms for a million), and searched
-        100,000 at a time with the loop free in between (a dict of positions would stall it longer
-        when it grows)."""
+        LISTING_SEARCH at a time with the loop free in between (a dict of positions would stall it
+        longer when it grows)."""
         if counter_id not in self._values:
             return None
         if self._listed is None or self._listed[0] != self._made_or_deleted:
@@ -602,6 +602,11 @@ def watchers_key(counter_id: str) -> str:
     return WATCHERS + counter_id
 
 
+def watched_counter(key: str) -> str | None:
+    """The counter whose watcher count a channel key is; None for a counter's own values."""
+    return key[len(WATCHERS):] if key.startswith(WATCHERS) else None
+
+
 def message_event(value: int) -> bytes:
     return b"event: message\ndata: %d\n\n" % value
 
@@ -627,9 +632,9 @@ def frames(counter_id: str, value: int) -> Frames:
 
 def channel_frames(key: str, value: int) -> Frames:
     """A channel's value in every style: a counter's value, or a watcher count."""
-    if not key.startswith(WATCHERS):
+    if (counter_id := watched_counter(key)) is None:
         return frames(key, value)
-    message, watchers = message_event(value), watchers_event(key[len(WATCHERS):], value)
+    message, watchers = message_event(value), watchers_event(counter_id, value)
     return message, chunk(message), watchers, chunk(watchers)
 
 
@@ -791,7 +796,7 @@ class ListenerHub:
                 if channel.pending is not None:
                     channel.pending.cancel()
                 del self._channels[channel.key]
-            if not channel.key.startswith(WATCHERS):
+            if watched_counter(channel.key) is None:
                 self.watchers_changed(channel.key)
         listener.channels = []
 
@@ -846,10 +851,10 @@ class ListenerHub:
             # of a counter and its watcher count counted itself in its first frame: its arrival makes
             # that count, which Presence sends (the channel still has the count before it).
             if (channel.value != first_value and channel.value == channel.sent
-                    and not (key.startswith(WATCHERS) and key[len(WATCHERS):] in first)):
+                    and watched_counter(key) not in first):
                 catch_up[key] = channel.value
         for key in first:
-            if not key.startswith(WATCHERS):
+            if watched_counter(key) is None:
                 self.watchers_changed(key)
         asyncio.get_running_loop().add_reader(listener.sock.fileno(), listener.on_readable)
         if catch_up:
@@ -988,8 +993,8 @@ SECOND_PURGE_DELAY = 1.0
 
 def purge_path(key: str) -> str:
     """What a cache holds of a hub channel, relative to the cache's URL."""
-    if key.startswith(WATCHERS):
-        return f"counters/{key[len(WATCHERS):]}/watchers/"
+    if (counter_id := watched_counter(key)) is not None:
+        return f"counters/{counter_id}/watchers/"
     return f"counters/{key}/"
 
 
@@ -1102,8 +1107,8 @@ PACING_ROUND = 0.1  # seconds of --grip-message-rate a paced round waits for whe
 def grip_channel(key: str, multi: bool) -> str:
     """The Pushpin channel of a hub channel's key (a counter's values, or its watcher count) for
     single-counter ("message" events) or multi-counter streams. No id has ':', so no names collide."""
-    if key.startswith(WATCHERS):
-        return f"watchers:{key[len(WATCHERS):]}" if multi else f"watchers-{key[len(WATCHERS):]}"
+    if (counter_id := watched_counter(key)) is not None:
+        return f"watchers:{counter_id}" if multi else f"watchers-{counter_id}"
     return f"counters:{key}" if multi else f"counter-{key}"
 
 
@@ -1502,7 +1507,7 @@ class Presence:
 def counted_channel(channel: str) -> str | None:
     """The counter whose values a GRIP channel carries; None for any other channel."""
     named = key_of_grip_channel(channel)
-    return named[0] if named is not None and not named[0].startswith(WATCHERS) else None
+    return named[0] if named is not None and watched_counter(named[0]) is None else None
 
 
 # Pushpin's stats socket (its stats_spec: a ZeroMQ PUB socket) reports each channel's subscribers per
