@@ -12,7 +12,7 @@
 
 Run it::
 
-    pip install -r requirements.txt && python livecounter.py        # open http://127.0.0.1:8080/
+    python3 -m venv .venv && .venv/bin/pip install -r requirements.txt && .venv/bin/python livecounter.py
     python livecounter.py --help                                     # every option (also LIVECOUNTER_* variables)
     pip install . && livecounter --data /var/lib/livecounter/counters.json   # installed as a command
 
@@ -21,13 +21,17 @@ Embed it::
     app = web.Application()
     app.add_subapp("/live/", create_app(data_path="counters.json"))
 
-Values live in memory and are written to a JSON file atomically: behind the requests (at most once
-per save interval, and once more on shutdown), or before the answer with --durable (group commit).
-Every change is encoded once and written to each listener's socket; a listener that stops reading
-skips values and gets the latest when it drains, and a hot counter coalesces its broadcasts so that
-fan-out never starves increments. With --grip-url, Pushpin holds the streams and livecounter
-publishes the changes to it (with GRIP's ids, so none is missed); with --purge-url, a cache in front
-(Varnish) answers reads and new viewers, and every change purges it.
+A change (an increment, a set, a deletion, a watcher count) leaves the store through one feed, to
+every receiver registered on it: the streams, a cache in front to purge, Pushpin to publish to,
+the watcher counts, and the journal. Values live in memory; each save appends what changed to a
+journal beside the JSON data file, behind the requests (once per save interval) or before their
+answer with --durable (group commit), and the journal is folded into the data file when it grows
+and on a stop. Every change is encoded once and written to each listener's socket; a listener that
+stops reading skips values and gets the latest when it drains, and a counter that changes faster
+than it can fan out rests between fan-outs, so that they never starve increments. With --grip-url,
+Pushpin holds the streams and livecounter publishes the changes to it (with GRIP's ids, so none is
+missed); with --purge-url, a cache in front (Varnish) answers reads and new viewers, and every
+change purges it.
 """
 
 from __future__ import annotations
@@ -35,11 +39,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import functools
 import gc
 import hmac
 import html
+import ipaddress
 import itertools
 import json
 import logging
@@ -53,9 +59,11 @@ import socket
 import stat
 import sys
 import time
+import unicodedata
+import urllib.parse
 from collections.abc import Awaitable, Callable, Hashable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NamedTuple, NoReturn
 
 import aiohttp
 import jwt
@@ -67,7 +75,7 @@ try:
 except ImportError:  # optional: asyncio's own loop serves too, a little slower
     uvloop = None
 
-__version__ = "1.1.0"
+__version__ = "1.2.0"
 __all__ = ["create_app", "Settings", "ReconnectWindow", "DataFileError", "main", "__version__"]
 
 log = logging.getLogger("livecounter")
@@ -76,19 +84,90 @@ log = logging.getLogger("livecounter")
 # --------------------------------------------------------------------------------------------------
 # Configuration
 # --------------------------------------------------------------------------------------------------
+#
+# Every setting is checked in one place, Settings.__post_init__, whichever way it came: the command
+# line, a LIVECOUNTER_* variable, or create_app()'s keywords. Each field's `parse` takes the text
+# an operator writes (and a value of the field's own type from create_app), and raises ValueError
+# with a reason that fits after the setting's name.
 
-def positive_float(text: str) -> float:
-    number = float(text)
-    if not number > 0:
-        raise ValueError(f"must be a positive number: {text!r}")
+def positive_float(given: object) -> float:
+    number = _number(given, float)
+    if not (number > 0 and math.isfinite(number)):
+        raise ValueError(f"must be a number of seconds above 0, not {given!r}")
     return number
 
 
-def positive_int(text: str) -> int:
-    number = int(text)
+def positive_int(given: object) -> int:
+    number = _number(given, int)
     if number < 1:
-        raise ValueError(f"must be at least 1: {text!r}")
+        raise ValueError(f"must be a whole number of at least 1, not {given!r}")
     return number
+
+
+def port_number(given: object) -> int:
+    number = _number(given, int)
+    if not 0 <= number <= 65535:
+        raise ValueError(f"must be a port from 0 to 65535 (0: any free port), not {given!r}")
+    return number
+
+
+def _number(given: object, kind: type) -> Any:
+    """given as an int or float: from text, or a number of the right kind (not True, not 1.5 for an int)."""
+    if isinstance(given, str):
+        try:
+            return kind(given.strip())
+        except ValueError:
+            raise ValueError(f"must be a {'whole ' if kind is int else ''}number, not {given!r}") from None
+    if type(given) is kind or (kind is float and type(given) is int):
+        return kind(given)
+    raise ValueError(f"must be a {'whole ' if kind is int else ''}number, not {given!r}")
+
+
+SWITCH_ON, SWITCH_OFF = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
+
+
+def switch(given: object) -> bool:
+    """An on/off setting: True or False, or as a variable 1, true, yes, on (or 0, false, no, off)."""
+    if type(given) is bool:
+        return given
+    if isinstance(given, str) and given.strip().lower() in SWITCH_ON + SWITCH_OFF:
+        return given.strip().lower() in SWITCH_ON
+    raise ValueError(f"must be one of {', '.join(SWITCH_ON)} (on) or {', '.join(SWITCH_OFF[:-1])} (off), "
+                     f"not {given!r}")
+
+
+def http_endpoint(given: object) -> str:
+    """The URL of a Pushpin's publish endpoint or of a cache: http:// or https://, a host, a valid port."""
+    if not isinstance(given, str):
+        raise ValueError(f"must be a URL, not {given!r}")
+    try:
+        parts = urllib.parse.urlsplit(given)
+        parts.port  # noqa: B018 - raises ValueError for a port that isn't one
+    except ValueError:
+        parts = None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+        raise ValueError(f"must be an http:// or https:// URL with a host, e.g. http://127.0.0.1:5561/, not {given!r}")
+    return given
+
+
+def stats_endpoint(given: object) -> str:
+    """A ZeroMQ endpoint of a Pushpin's stats socket: ipc://PATH or tcp://HOST:PORT."""
+    if not (isinstance(given, str) and re.fullmatch(r"ipc://.+|tcp://[^:/]+:[0-9]+", given)):
+        raise ValueError(f"must be ipc://PATH or tcp://HOST:PORT (Pushpin's stats_spec), not {given!r}")
+    return given
+
+
+def allowed_origin(given: object) -> str:
+    """What Access-Control-Allow-Origin takes: one origin, scheme://host[:port] (a trailing slash,
+    which browsers never send in Origin, is dropped), or * for any."""
+    if given == "*":
+        return "*"
+    origin = given.rstrip("/") if isinstance(given, str) else None
+    if not (origin and re.fullmatch(r"https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?|https?://\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?",
+                                    origin)):
+        raise ValueError(f"must be one origin like https://site.example (scheme, host, port if not the "
+                         f"default; no path, one only) or * for any, not {given!r}")
+    return origin
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,9 +179,9 @@ class ReconnectWindow:
     longest: float
 
     def __post_init__(self) -> None:
-        if not (self.shortest > 0 and math.isfinite(self.shortest)):
+        if not (type(self.shortest) in (int, float) and self.shortest > 0 and math.isfinite(self.shortest)):
             raise ValueError(f"the shortest wait must be a number of seconds above 0: {self}")
-        if not (self.longest >= self.shortest and math.isfinite(self.longest)):
+        if not (type(self.longest) in (int, float) and self.longest >= self.shortest and math.isfinite(self.longest)):
             raise ValueError(f"the longest wait must be at least the shortest: {self}")
 
     def __str__(self) -> str:
@@ -113,74 +192,125 @@ class ReconnectWindow:
         return random.randint(max(1, round(self.shortest * 1000)), max(1, round(self.longest * 1000)))
 
     @classmethod
-    def parse(cls, text: str) -> ReconnectWindow:
-        shortest, _, longest = text.partition("-")
+    def parse(cls, given: object) -> ReconnectWindow:
+        if isinstance(given, ReconnectWindow):
+            return given
+        shortest, _, longest = given.partition("-") if isinstance(given, str) else ("", "", "")
         try:
             seconds = float(shortest), float(longest)
         except ValueError:
-            raise ValueError(f"must be MIN-MAX in seconds, e.g. 1-5: {text!r}") from None
+            raise ValueError(f"must be MIN-MAX in seconds, e.g. 1-5, not {given!r}") from None
         return cls(*seconds)
 
 
-def option(default: object, help: str, *, flag: str | None = None, parse: Callable[[str], object] | None = None,
-           shown: str | None = None) -> Any:
+def data_path(given: object) -> Path:
+    if not isinstance(given, (str, os.PathLike)) or not str(given):
+        raise ValueError(f"must be a file's path, not {given!r}")
+    return Path(given)
+
+
+def optional_key(given: object) -> str:
+    if not isinstance(given, str) or not given:
+        raise ValueError("is empty: give Pushpin's sig_key, or leave it unset")
+    return given
+
+
+def any_text(given: object) -> str:
+    if not isinstance(given, str):
+        raise ValueError(f"must be text, not {given!r}")
+    return given
+
+
+def option(default: object, help: str, *, parse: Callable[[object], object], flag: str | None = None,
+           metavar: str | None = None, shown: str | None = None) -> Any:
     """A setting that is also a command-line option, --flag (the field's name unless given), and a
-    variable, LIVECOUNTER_<FLAG>; parse reads it from text, shown is how --help shows the default."""
-    return dataclasses.field(default=default, metadata={"help": help, "flag": flag, "parse": parse, "shown": shown})
+    variable, LIVECOUNTER_<FLAG>. parse checks a value (or reads it from text), metavar is what --help
+    says to write (N, SECONDS, URL), shown how it shows the default."""
+    return dataclasses.field(default=default, metadata={"help": help, "flag": flag, "parse": parse,
+                                                        "metavar": metavar, "shown": shown})
 
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
     """Everything an operator can tune: create_app() takes these as keywords, the command line as
-    options (see parse_args), each under the same name."""
+    options (see parse_args), each under the same name. Checked (and text read) on creation."""
 
     data_path: Path = option(Path("counters.json"), "the JSON file holding the counters, relative to the "
-                             "working directory", flag="--data", parse=Path)
-    save_interval: float = option(1.0, "seconds between write-behind saves", parse=positive_float)
-    durable: bool = option(False, "answer a change only once it is on disk (group commit)")
-    auto_create: bool = option(False, "a POST to an unknown id creates the counter")
-    max_counters: int = option(10_000, "the most counters --auto-create makes", parse=positive_int)
+                             "working directory (its journal is beside it: FILE.journal)", flag="--data",
+                             parse=data_path, metavar="FILE")
+    save_interval: float = option(1.0, "seconds between saves (each appends what changed to the journal)",
+                                  parse=positive_float, metavar="SECONDS")
+    durable: bool = option(False, "answer a change only once it is on disk (group commit)", parse=switch)
+    auto_create: bool = option(False, "a POST to an unknown id creates the counter", parse=switch)
+    max_counters: int = option(10_000, "the most counters there may be for --auto-create to make another",
+                               parse=positive_int, metavar="N")
     post_rate: float | None = option(None, "increments per second per client address and counter, in "
-                                     "bursts of twice that; past it, 429", parse=positive_float, shown="unlimited")
-    trust_proxy: bool = option(False, "take the client address from X-Forwarded-For (behind nginx or Pushpin)")
+                                     "bursts of twice that; past it, 429", parse=positive_float,
+                                     metavar="PER_SECOND", shown="unlimited")
+    trust_proxy: bool = option(False, "take the client address from the last X-Forwarded-For entry: only "
+                               "behind nginx or Pushpin, never when clients reach livecounter directly "
+                               "(they could claim any address)", parse=switch)
     keepalive_interval: float = option(15.0, "seconds of silence before a stream gets a ':' comment",
-                                       parse=positive_float)
+                                       parse=positive_float, metavar="SECONDS")
     stall_timeout: float = option(30.0, "seconds a listener may refuse data before it is disconnected",
-                                  parse=positive_float)
-    cors_origin: str = option("*", "the Access-Control-Allow-Origin of every response")
+                                  parse=positive_float, metavar="SECONDS")
+    cors_origin: str = option("*", "the Access-Control-Allow-Origin of every answer: one origin such as "
+                              "https://site.example, or * for any", parse=allowed_origin, metavar="ORIGIN")
     max_listeners: int | None = option(None, "concurrent event streams; past it, 503", parse=positive_int,
-                                       shown="what the open-file limit allows")
+                                       metavar="N", shown="the open-file limit less a tenth of it, or "
+                                       "less 64 if that is more")
     max_listeners_per_ip: int = option(1000, "concurrent event streams per client address; past it, 429",
-                                       parse=positive_int)
-    grip_urls: tuple[str, ...] = option((), "a Pushpin instance's publish endpoint, e.g. "
-                                        "http://127.0.0.1:5561/ (repeat for each; the variable takes them "
-                                        "separated by spaces)", flag="--grip-url", shown="none")
+                                       parse=positive_int, metavar="N")
+    grip_urls: tuple[str, ...] = option((), "a Pushpin's publish endpoint, e.g. http://127.0.0.1:5561/ "
+                                        "(repeat the option for each Pushpin; the variable takes them "
+                                        "separated by spaces)", flag="--grip-url", parse=http_endpoint,
+                                        metavar="URL", shown="none")
     grip_link_timeout: int = option(30, "seconds after which Pushpin asks livecounter what an idle stream "
-                                    "missed (its next link's timeout=): the longest a stream Pushpin took "
-                                    "for current can miss a change (each Pushpin refreshes at most 1,000 "
-                                    "streams a second)", parse=positive_int)
-    grip_stats: tuple[str, ...] = option((), "a Pushpin instance's stats socket (its stats_spec, e.g. "
-                                         "ipc:///run/pushpin/pushpin-stats), so that watcher counts include "
-                                         "the streams it holds; needs pyzmq (repeat for each; the variable "
-                                         "takes them separated by spaces)", shown="none")
-    grip_key: str | None = option(None, "the key Pushpin signs Grip-Sig with (its sig_key); unset, it is "
-                                  "not checked", shown="unset")
-    grip_message_rate: int = option(2500, "publish items per second sent to each Pushpin, at most: its "
-                                    "[handler] message_rate (Pushpin drops what it can't deliver at that "
-                                    "rate, yet answers 200); a change is 2 items, one per channel of the "
-                                    "counter, and the latest value of each goes", parse=positive_int)
+                                    "missed: the longest a stream held by Pushpin can stay behind if a "
+                                    "publish is lost", parse=positive_int, metavar="SECONDS")
+    grip_stats: tuple[str, ...] = option((), "a Pushpin's stats socket (its stats_spec, Debian's "
+                                         "ipc:///var/run/pushpin/pushpin-stats), so that watcher counts "
+                                         "include the streams it holds; needs pyzmq (repeat for each; the "
+                                         "variable takes them separated by spaces)", parse=stats_endpoint,
+                                         metavar="ENDPOINT", shown="none")
+    grip_key: str | None = option(None, "the key Pushpin signs Grip-Sig with (its sig_key); unset, any "
+                                  "Grip-Sig is taken", parse=optional_key, metavar="KEY", shown="unset")
+    grip_message_rate: int = option(2500, "publish items a second sent to each Pushpin, at most: set it to "
+                                    "Pushpin's message_rate (past that Pushpin drops what it can't deliver, "
+                                    "yet answers 200); each change is 2 items, and counters waiting their "
+                                    "turn keep only their latest value", parse=positive_int, metavar="N")
     purge_urls: tuple[str, ...] = option((), "a cache in front (e.g. Varnish, http://127.0.0.1:6081/): reads "
                                          "become cacheable, and every change sends it PURGE /counters/ID/ "
                                          "(repeat for each; the variable takes them separated by spaces)",
-                                         flag="--purge-url", shown="none")
+                                         flag="--purge-url", parse=http_endpoint, metavar="URL", shown="none")
     cache_seconds: int = option(600, "with --purge-url, how long a cache may keep a read (s-maxage)",
-                                parse=positive_int)
+                                parse=positive_int, metavar="SECONDS")
     reconnect_window: ReconnectWindow = option(
-        ReconnectWindow(1, 5), "MIN-MAX seconds a client waits before it reconnects a stream that ended "
-        "(a restart), drawn for each stream (its SSE retry field) so that they don't all come back at once",
-        parse=ReconnectWindow.parse)
+        ReconnectWindow(1, 5), "seconds a client waits before it reconnects a stream that ended (a "
+        "restart), drawn for each stream (its SSE retry field) so that they don't all come back at once",
+        parse=ReconnectWindow.parse, metavar="MIN-MAX")
     # Not an option: a token on the command line would show in ps. LIVECOUNTER_ADMIN_TOKEN sets it.
-    admin_token: str | None = None  # PUT and DELETE need it as a Bearer token; None: they are off
+    admin_token: str | None = option(None, "", parse=any_text)  # PUT and DELETE need it as a Bearer token
+
+    def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):
+            object.__setattr__(self, field.name, checked_setting(field, getattr(self, field.name)))
+
+
+def checked_setting(field: dataclasses.Field, given: object) -> object:
+    """A setting's value as its field's parse reads it (ValueError naming the setting if it can't):
+    None where the default is None, each item of a list setting (a tuple or list, never a string)."""
+    parse = field.metadata["parse"]
+    try:
+        if given is None and field.default is None:
+            return None
+        if isinstance(field.default, tuple):
+            if isinstance(given, (str, bytes)) or not isinstance(given, (tuple, list)):
+                raise ValueError(f"takes a list of them, e.g. ({field.default or 'URL'!r},), not {given!r}")
+            return tuple(parse(item) for item in given)
+        return parse(given)
+    except ValueError as error:
+        raise ValueError(f"{field.name}: {error}") from None
 
 
 def default_max_listeners() -> int:
@@ -192,8 +322,16 @@ def default_max_listeners() -> int:
 
 
 # --------------------------------------------------------------------------------------------------
-# The counter store and its persistence
+# Counters, and the one feed their changes leave by
 # --------------------------------------------------------------------------------------------------
+#
+# A change is about a channel: a counter's values, or its watcher count (how many streams carry its
+# values, see Presence). The channel's Key names it wherever a change goes: the frames streams get,
+# the paths a cache in front holds, the channels Pushpin holds streams on. The store makes each
+# change and hands it to the ChangeFeed, which passes it, in order, to every receiver registered in
+# create_app: the journal first (in durable mode the others hear of a change only once it is on
+# disk), then the listener hub, presence, the cache purger and the GRIP publisher. A new receiver is
+# one registration. A deletion ends both channels of its counter.
 
 # Not only dots: browsers and proxies resolve "." and ".." in a path, so such a counter can't be
 # reached. One pattern for the route (where "/" follows the id) and for ids checked on their own.
@@ -202,182 +340,198 @@ COUNTER_ID = re.compile(ID_PATTERN)
 ID_RULE = "an id is 1-64 letters, digits, '.', '_' or '-', and not only dots"
 MAX_VALUE = 2**53 - 1  # the largest integer a browser's JavaScript reads exactly
 
-
-class DataFileError(Exception):
-    """The data file can't be used; the message names the file and the problem in one line."""
-
-
-def load_counters(path: Path) -> dict[str, int]:
-    """Read and validate the data file; a missing file means no counters yet."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        log.warning("%s does not exist: starting with no counters; the first save creates it", path)
-        return {}
-    except (OSError, UnicodeDecodeError) as error:
-        raise DataFileError(f"{path}: cannot read: {error}") from None
-    try:
-        counters = json.loads(text, object_pairs_hook=_refuse_duplicate_ids)
-    except ValueError as error:
-        raise DataFileError(f"{path}: not valid JSON: {error}") from None
-    if not isinstance(counters, dict):
-        raise DataFileError(f"{path}: must be a JSON object mapping counter ids to integers")
-    for counter_id, value in counters.items():
-        if not COUNTER_ID.fullmatch(counter_id):
-            raise DataFileError(f"{path}: invalid counter id {counter_id!r} ({ID_RULE})")
-        if type(value) is not int:  # bool is an int subclass; true is not a count
-            raise DataFileError(f"{path}: counter {counter_id!r} holds {json.dumps(value)}, not an integer")
-        if abs(value) > MAX_VALUE:
-            raise DataFileError(f"{path}: counter {counter_id!r} holds {value}, outside ±(2^53 - 1)")
-    return counters
+# Every change goes out in four encodings, made once per broadcast: a single-counter stream's
+# "message" event, or a multi-counter stream's "counter" (or "watchers") event, each bare (HTTP/1.0)
+# or as one chunk (HTTP/1.1). A listener's `style` is its index into that tuple.
+Frames = tuple[bytes, bytes, bytes, bytes]
+MESSAGE_STYLE, NAMED_STYLE = 0, 2  # + 1 when chunked
 
 
-def _refuse_duplicate_ids(pairs: list[tuple[str, object]]) -> dict[str, object]:
-    result: dict[str, object] = {}
-    for key, value in pairs:
-        if key in result:
-            raise ValueError(f"counter {key!r} appears twice")
-        result[key] = value
-    return result
+def chunk(payload: bytes) -> bytes:
+    """payload as one chunk of HTTP/1.1 chunked transfer encoding."""
+    return b"%x\r\n%s\r\n" % (len(payload), payload)
 
 
-def write_counters(path: Path, counters: dict[str, int]) -> None:
-    """Runs in a thread: with indent, json encodes in Python and lets the event loop take turns."""
-    write_atomically(path, (json.dumps(counters, indent=2) + "\n").encode())
+class Key(NamedTuple):
+    """A channel: a counter's values, or (watchers=True) its watcher count. Ids are letters, digits,
+    '.', '_' and '-': nothing in them needs escaping in JSON, a path or a Pushpin channel name."""
+
+    counter_id: str
+    watchers: bool = False
+
+    @property
+    def count(self) -> Key:
+        """The channel of this counter's watcher count."""
+        return Key(self.counter_id, True)
+
+    def frames(self, value: int) -> Frames:
+        """The channel's value in every style. A watcher count is a "message" event on a single
+        stream (the same shape as a value) and a "watchers" event on a multi-counter stream."""
+        message = b"event: message\ndata: %d\n\n" % value
+        if self.watchers:
+            named = b'event: watchers\ndata: {"id": "%s", "watchers": %d}\n\n' % (self.counter_id.encode(), value)
+        else:
+            named = b'event: counter\ndata: {"id": "%s", "value": %d}\n\n' % (self.counter_id.encode(), value)
+        return message, chunk(message), named, chunk(named)
+
+    @property
+    def purge_path(self) -> str:
+        """What a cache in front holds of the channel, relative to the cache's URL."""
+        return f"counters/{self.counter_id}/watchers/" if self.watchers else f"counters/{self.counter_id}/"
+
+    def grip_channel(self, multi: bool) -> str:
+        """The Pushpin channel of single-counter ("message" events) or multi-counter streams. No id
+        has ':', so no names collide."""
+        if self.watchers:
+            return f"watchers:{self.counter_id}" if multi else f"watchers-{self.counter_id}"
+        return f"counters:{self.counter_id}" if multi else f"counter-{self.counter_id}"
+
+    @classmethod
+    def of_grip_channel(cls, channel: str) -> tuple[Key, bool] | None:
+        """The key of a Pushpin channel, and whether it is a multi-counter stream's; None if it is
+        none of livecounter's."""
+        for watchers in (False, True):
+            for multi in (False, True):
+                prefix = cls("", watchers).grip_channel(multi)
+                if channel.startswith(prefix) and COUNTER_ID.fullmatch(channel[len(prefix):]):
+                    return cls(channel[len(prefix):], watchers), multi
+        return None
 
 
-def write_atomically(path: Path, data: bytes) -> None:
-    """Replace path with data so that a crash at any instant leaves the old file or the new one.
-
-    A symbolic link stays one: the file it points to is replaced, and keeps its mode and owner."""
-    target = Path(os.path.realpath(path))
-    temporary = target.with_name(target.name + ".tmp")  # beside the target: a rename can't cross file systems
-    try:
-        with open(temporary, "wb") as file:
-            keep_permissions(target, file.fileno())  # before the data goes in, so no one else may read it
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, target)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-    directory = os.open(target.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)  # makes the rename itself durable
-    finally:
-        os.close(directory)
+def stream_style(*, multi: bool, chunked: bool) -> int:
+    return (NAMED_STYLE if multi else MESSAGE_STYLE) + chunked
 
 
-def keep_permissions(path: Path, descriptor: int) -> None:
-    """Give the open file the mode, owner and group of the file at path, if there is one (a new
-    file keeps the default mode): an operator's 0600 must survive the save that replaces it."""
-    try:
-        existing = os.stat(path)
-    except FileNotFoundError:
-        return
-    try:
-        os.fchown(descriptor, existing.st_uid, existing.st_gid)
-    except PermissionError:
-        pass  # only root gives a file away (or to a group it isn't in): the mode still carries over
-    os.fchmod(descriptor, stat.S_IMODE(existing.st_mode))  # after the owner: a chown clears setuid bits
+def encode_values(values: dict[Key, int], style: int) -> bytes:
+    """These channels' values as frames of one style: a stream's first frames, or a catch-up."""
+    return b"".join(key.frames(value)[style] for key, value in values.items())
+
+
+Receiver = Callable[[Key, "int | None"], None]  # hears of a channel's new value; None: it is gone
+
+
+class ChangeFeed:
+    """The one way a change leaves the store: to every receiver, in the order the changes were made.
+    The keeper (persistence) hears of a counter's changes first; in durable mode the others hear of
+    them only once it holds them on disk (it calls release). Watcher counts are kept nowhere."""
+
+    def __init__(self) -> None:
+        self._receivers: list[Receiver] = []
+        self._failed: set[Receiver] = set()  # receivers that raised: logged once each
+        self._keeper: Journal | None = None
+        self._held_until_kept = False
+
+    def register(self, receiver: Receiver) -> None:
+        self._receivers.append(receiver)
+
+    def keep_with(self, keeper: Journal, *, durable: bool) -> None:
+        self._keeper = keeper
+        self._held_until_kept = durable
+
+    def changed(self, key: Key, value: int | None) -> None:
+        if self._keeper is not None and not key.watchers:
+            self._keeper.record(key.counter_id, value)
+            if self._held_until_kept:
+                return  # the keeper releases it once it is on disk
+        self.release(key, value)
+
+    def release(self, key: Key, value: int | None) -> None:
+        for receiver in self._receivers:
+            try:
+                receiver(key, value)
+            except Exception:  # noqa: BLE001 - a bug in one receiver must not keep a change from the others
+                if receiver not in self._failed:
+                    self._failed.add(receiver)
+                    log.exception("%s failed on a change of %s (logged once)", receiver.__qualname__, key)
+        if value is None and not key.watchers:  # a counter gone: its watcher count goes with it
+            self.release(key.count, None)
+
+
+# How fast a channel's changes fan out (to streams, to Pushpin, as watcher counts) is one policy:
+# at once while the channel is calm, and after a rest while it is hot. A channel is hot when it
+# changed again sooner after its last fan-out than that fan-out took: changes come faster than it
+# can send them, and the work they hold up (increments, other counters) waits. A hot channel rests
+# REST times as long as its last fan-out took, so that its fan-outs take at most a sixth of the
+# time, and the next one carries whatever is latest by then. A calm channel's change goes at once.
+
+REST = 5
+
+
+class Pace:
+    """One channel's last fan-out: when it ended and how long it took (what it is taken to cost)."""
+
+    __slots__ = ("ended", "took")
+
+    def __init__(self) -> None:
+        self.ended = -math.inf
+        self.took = 0.0
+
+    def wait(self, now: float) -> float:
+        """Seconds before the next fan-out may go: 0 while calm, the rest of its rest while hot."""
+        since = now - self.ended
+        if since >= self.took:
+            return 0.0
+        return REST * self.took - since
+
+    def went(self, took: float, now: float) -> None:
+        self.took = took
+        self.ended = now
+
+
+class Paces:
+    """The paces of a receiver's channels, each kept only as long as it can make one wait."""
+
+    def __init__(self, longest_cost: float) -> None:
+        self._paces: collections.OrderedDict[Hashable, Pace] = collections.OrderedDict()
+        self._kept_for = REST * longest_cost  # after that long a pace waits for nothing
+
+    def wait(self, channel: Hashable, now: float) -> float:
+        pace = self._paces.get(channel)
+        return 0.0 if pace is None else pace.wait(now)
+
+    def went(self, channel: Hashable, took: float, now: float) -> None:
+        pace = self._paces.pop(channel, None) or Pace()
+        pace.went(took, now)
+        self._paces[channel] = pace  # the newest last
+        while next(iter(self._paces.values())).ended + self._kept_for < now:
+            self._paces.popitem(last=False)
+
+    def forget(self, channel: Hashable) -> None:
+        self._paces.pop(channel, None)
+
+    def __len__(self) -> int:
+        return len(self._paces)
 
 
 class CounterLimitReached(Exception):
     """Auto-create would pass --max-counters."""
 
 
-class SaveFailed(Exception):
-    """Durable mode: the save that would have made a change durable failed; the message says why."""
-
-
-FIRST_RETRY_DELAY = 0.1  # seconds before the first retry of a failed save or publish; doubles
-LAST_RETRY_DELAY = 5.0  # up to this
-
-
-class Outage:
-    """Whether something the server keeps doing (saving, publishing) fails, and why: logged once
-    per outage, with the delay before the next try doubling while it lasts."""
-
-    def __init__(self, what: str) -> None:
-        self.what = what
-        self.error: str | None = None  # why it failed last; None while it works
-        self.retry_delay = FIRST_RETRY_DELAY
-
-    def failed(self, reason: str) -> None:
-        if self.error is None:
-            log.error("%s failed, will retry: %s", self.what, reason)
-            self.retry_delay = FIRST_RETRY_DELAY
-        else:
-            self.retry_delay = min(2 * self.retry_delay, LAST_RETRY_DELAY)
-        self.error = f"{self.what} failed: {reason}"
-
-    def succeeded(self) -> None:
-        if self.error is not None:
-            log.info("%s works again", self.what)
-            self.error = None
-
-
-def errors_of(outages: Iterable[Outage]) -> str | None:
-    """Why they fail, for /healthz; None while all of them work."""
-    return "; ".join(outage.error for outage in outages if outage.error) or None
-
-
-async def waited(done: Callable[[], bool], timeout: float, interval: float) -> None:
-    """Return once done() holds, or after timeout seconds, asking every interval seconds."""
-    deadline = time.monotonic() + timeout
-    while not done() and time.monotonic() < deadline:
-        await asyncio.sleep(interval)
-
-
-Announce = Callable[[str, int | None], None]  # tells listeners a counter's value (None: it is gone)
-
-
 LISTING_SEARCH = 25_000  # ids searched at a time for a page's after= (a few ms of the loop)
 
 
 class CounterStore:
-    """Counter values in memory, written to the data file behind the requests, or before their
-    answer in durable mode (group commit: one write acknowledges every change made before it).
+    """Counter values in memory. Each change goes to the feed. In durable mode streams hear only of
+    values on disk: `announced` follows the feed (see heard), and new streams start from it."""
 
-    In durable mode listeners hear only of values on disk: the save that holds a change announces
-    it, whether the request that made it is still waiting or got a 503 from an earlier save."""
-
-    def __init__(self, path: Path, counters: dict[str, int], *, save_interval: float, durable: bool,
-                 auto_create: bool, max_counters: int, announce_durable: Announce | None = None) -> None:
-        self.path = path
-        self.durable = durable
+    def __init__(self, counters: dict[str, int], feed: ChangeFeed, *, auto_create: bool, max_counters: int,
+                 durable: bool) -> None:
         self._values = counters
-        self._announced = dict(counters) if durable else counters  # the values listeners know
-        self._changed: set[str] = set()  # durable mode: counters changed since the last snapshot
-        self._announce_durable = announce_durable
-        self._save_interval = save_interval
+        self._feed = feed
         self._auto_create = auto_create
         self._max_counters = max_counters
-        self._file_exists = path.exists()
-        self._unsaved = asyncio.Event()  # set by every change, cleared when a save takes a snapshot
-        if not self._file_exists:
-            self._unsaved.set()  # the first save creates it
-        self._waiting: list[asyncio.Future[None]] = []  # durable changes the next save acknowledges
-        self._one_save_at_a_time = asyncio.Lock()
-        self._saving = Outage(f"saving {path}")
+        self.durable = durable
+        self._announced = dict(counters) if durable else counters  # the values listeners know
         # For pages of the listing: the ids in order, copied when a page needs them after counters
         # were made or deleted (made_or_deleted counts those).
         self._listed: tuple[int, list[str]] | None = None
         self._made_or_deleted = 0
-        # For /metrics:
-        self.increments = 0
-        self.saves = 0
-        self.save_failures = 0
-        self.last_save_seconds = 0.0  # how long the last save took, failed or not
-        # Wall-clock time the file last held every value: the last successful save, or the load (an
-        # idle server never saves, and an alert on this age must not fire for it).
-        self.last_saved_at = time.time() if self._file_exists else 0.0
+        self.increments = 0  # for /metrics
 
     @property
-    def save_error(self) -> str | None:
-        """Why the last save failed; None while saves work."""
-        return self._saving.error
+    def values(self) -> dict[str, int]:
+        """Every value, for persistence (not to be changed)."""
+        return self._values
 
     def __contains__(self, counter_id: str) -> bool:
         return counter_id in self._values
@@ -397,39 +551,46 @@ class CounterStore:
         not saved yet is, for them, as if it didn't exist); None if it doesn't exist for them."""
         return self._announced.get(counter_id, 0 if self._auto_create else None)
 
+    def heard(self, key: Key, value: int | None) -> None:
+        """Durable mode: a change the journal holds, registered first on the feed."""
+        if key.watchers:
+            return
+        if value is None:
+            self._announced.pop(key.counter_id, None)
+        else:
+            self._announced[key.counter_id] = value
+
     def increment(self, counter_id: str) -> int:
         """Add one and return the new value. Unknown: KeyError, or created at 0 under auto-create
         (CounterLimitReached past max_counters). OverflowError past MAX_VALUE."""
-        if counter_id not in self._values and self._auto_create:
-            if len(self._values) >= self._max_counters:
+        values = self._values
+        if counter_id not in values and self._auto_create:
+            if len(values) >= self._max_counters:
                 raise CounterLimitReached(self._max_counters)
-            self._values[counter_id] = 0
+            values[counter_id] = 0
             self._made_or_deleted += 1
-        value = self._values[counter_id] + 1
+        value = values[counter_id] + 1
         if value > MAX_VALUE:
             raise OverflowError(counter_id)
-        self._values[counter_id] = value
-        self._unsaved.set()
+        values[counter_id] = value
         self.increments += 1
+        self._feed.changed(Key(counter_id), value)
         return value
 
     def set(self, counter_id: str, value: int) -> None:
         """Set (and create) a counter; the caller checked that value is within ±MAX_VALUE."""
         self._made_or_deleted += counter_id not in self._values
         self._values[counter_id] = value
-        self._unsaved.set()
+        self._feed.changed(Key(counter_id), value)
 
     def delete(self, counter_id: str) -> None:
         """Remove a counter; KeyError if unknown."""
         del self._values[counter_id]
         self._made_or_deleted += 1
-        self._unsaved.set()
+        self._feed.changed(Key(counter_id), None)
 
     def __len__(self) -> int:
         return len(self._values)
-
-    def snapshot(self) -> dict[str, int]:
-        return dict(self._values)
 
     def ids(self) -> list[str]:
         """Every counter's id, in the order they were made (the data file's order, then creation)."""
@@ -463,110 +624,506 @@ class CounterStore:
         values = self._values
         return {counter_id: values[counter_id] for counter_id in counter_ids if counter_id in values}
 
-    async def persisted(self, counter_id: str) -> None:
-        """Durable mode: return once every change made before this call (counter_id's just now) is
-        on disk, and announced. Raises SaveFailed with the reason if the save that would have
-        written them fails; a later save that succeeds announces it."""
-        self._changed.add(counter_id)
+
+# --------------------------------------------------------------------------------------------------
+# Persistence: the data file and its journal
+# --------------------------------------------------------------------------------------------------
+#
+# The data file (counters.json) is a JSON object of every counter, the shipped and readable file.
+# A save appends what changed since the last one to the journal beside it (FILE.journal): one line
+# per save, a JSON object of the counters that changed and their values then (null: deleted), so a
+# save costs what changed, and replaying a line twice is harmless. In durable mode each save is one
+# fdatasync of the journal, answering every change it holds (group commit).
+#
+# When the journal outgrows the data file (and at a clean stop) it is compacted: renamed aside
+# (FILE.journal.compacting), then the data file is rewritten atomically from the values in memory
+# (read in a thread, while saves go on into a new journal), then the old journal is removed. The
+# values written are at least as new as the old journal, and anything newer is in the new journal,
+# so a start (the data file, then the old journal if a crash left it, then the journal) comes to
+# the same values whenever a crash struck.
+
+class DataFileError(Exception):
+    """The data file or its journal can't be used; the message names the file and the problem."""
+
+
+class SaveFailed(Exception):
+    """Durable mode: the save that would have made a change durable failed; the message says why."""
+
+
+FIRST_RETRY_DELAY = 0.1  # seconds before the first retry of a failed save, purge or publish; doubles
+LAST_RETRY_DELAY = 5.0  # up to this
+
+
+class Outage:
+    """Whether something the server keeps doing (saving, publishing, ...) fails, and why: logged once
+    per outage, with the delay before the next try doubling while it lasts."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.error: str | None = None  # why it failed last; None while it works
+        self.retry_delay = FIRST_RETRY_DELAY
+
+    def failed(self, reason: str, *, unexpected: BaseException | None = None) -> None:
+        """It failed; `unexpected`: an error no code expected (a bug), logged with its traceback."""
+        if self.error is None:
+            log.error("%s failed, will retry: %s", self.what, reason,
+                      exc_info=(type(unexpected), unexpected, unexpected.__traceback__) if unexpected else None)
+            self.retry_delay = FIRST_RETRY_DELAY
+        else:
+            self.retry_delay = min(2 * self.retry_delay, LAST_RETRY_DELAY)
+        self.error = f"{self.what} failed: {reason}"
+
+    def succeeded(self) -> None:
+        if self.error is not None:
+            log.info("%s works again", self.what)
+            self.error = None
+
+
+def errors_of(outages: Iterable[Outage]) -> str | None:
+    """Why they fail, for /healthz; None while all of them work."""
+    return "; ".join(outage.error for outage in outages if outage.error) or None
+
+
+def unexpected(error: BaseException) -> BaseException | None:
+    """error, if no outside part explains it (a bug, whose traceback is logged); None for what a peer
+    or a disk does: a refused or broken connection, a timeout, an answer that isn't the one expected."""
+    return None if isinstance(error, (aiohttp.ClientError, asyncio.TimeoutError, OSError)) else error
+
+
+def failure_reason(error: BaseException) -> str:
+    """One line for the log and /healthz; a timeout's message is empty, an unexpected error names its type."""
+    if isinstance(error, (aiohttp.ClientError, asyncio.TimeoutError)):  # 3.10: not the builtin TimeoutError
+        return str(error) or type(error).__name__
+    if isinstance(error, OSError):
+        return error.strerror or str(error)
+    return f"{type(error).__name__}: {error}"
+
+
+async def forever(outage: Outage, step: Callable[[], Awaitable[None]]) -> None:
+    """Run step() again and again for as long as the app runs. Nothing ends the loop: an error step()
+    doesn't handle (a bug) is logged once per outage with its traceback, /healthz says it, and the
+    loop goes on after the outage's delay."""
+    while True:
+        try:
+            await step()
+        except Exception as error:  # noqa: BLE001 - CancelledError (a stop) is no Exception and ends it
+            outage.failed(failure_reason(error), unexpected=error)
+            await asyncio.sleep(outage.retry_delay)
+
+
+async def waited(done: Callable[[], bool], timeout: float, interval: float) -> None:
+    """Return once done() holds, or after timeout seconds, asking every interval seconds."""
+    deadline = time.monotonic() + timeout
+    while not done() and time.monotonic() < deadline:
+        await asyncio.sleep(interval)
+
+
+class Loaded(NamedTuple):
+    counters: dict[str, int]
+    snapshot_bytes: int  # the data file's size (0: none)
+    journal_bytes: int  # the whole records of the journal
+
+
+def load_counters(path: Path, *, starting: bool = True) -> Loaded:
+    """Read and check the data file, then replay the journals beside it: a compaction's left by a
+    crash, then the current one. A missing data file means no counters yet; a torn last record of a
+    journal (a crash in mid-write: nothing acknowledged was in it) is dropped with a warning, and
+    cut off the journal when starting (appends then follow a whole record)."""
+    target = Path(os.path.realpath(path))
+    journal, compacting = journal_paths(target)
+    try:
+        text = target.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        text = None
+        if starting and not (journal.exists() or compacting.exists()):
+            log.warning("%s does not exist: starting with no counters (an admin PUT makes one, or "
+                        "--auto-create lets a POST make it); the first change creates the file", path)
+    except (OSError, UnicodeDecodeError) as error:
+        raise DataFileError(f"{path}: cannot read: {error}") from None
+    counters = {} if text is None else checked_counters(path, text)
+    for replayed in (compacting, journal):
+        journal_bytes = replay(replayed, counters, cut_torn=starting and replayed is journal)
+    return Loaded(counters, 0 if text is None else len(text.encode()), journal_bytes)
+
+
+def journal_paths(target: Path) -> tuple[Path, Path]:
+    """The journal beside the data file (its real path), and the one a compaction renamed aside."""
+    return target.with_name(target.name + ".journal"), target.with_name(target.name + ".journal.compacting")
+
+
+def checked_counters(path: Path, text: str) -> dict[str, int]:
+    try:
+        counters = json.loads(text, object_pairs_hook=_refuse_duplicate_ids)
+    except ValueError as error:
+        raise DataFileError(f"{path}: not valid JSON: {error}") from None
+    if not isinstance(counters, dict):
+        raise DataFileError(f"{path}: must be a JSON object mapping counter ids to integers")
+    for counter_id, value in counters.items():
+        if problem := record_problem(counter_id, value, deletion=False):
+            raise DataFileError(f"{path}: {problem}")
+    return counters
+
+
+def record_problem(counter_id: str, value: object, *, deletion: bool) -> str | None:
+    """What is wrong with a counter's entry (None: nothing); a journal's may be null, a deletion."""
+    if not COUNTER_ID.fullmatch(counter_id):
+        return f"invalid counter id {counter_id!r} ({ID_RULE})"
+    if value is None and deletion:
+        return None
+    if type(value) is not int:  # bool is an int subclass; true is not a count
+        return f"counter {counter_id!r} holds {json.dumps(value)}, not an integer"
+    if abs(value) > MAX_VALUE:
+        return f"counter {counter_id!r} holds {value}, outside ±(2^53 - 1)"
+    return None
+
+
+def _refuse_duplicate_ids(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    result: dict[str, object] = {}
+    for key, value in pairs:
+        if key in result:
+            raise ValueError(f"counter {key!r} appears twice")
+        result[key] = value
+    return result
+
+
+def replay(journal: Path, counters: dict[str, int], *, cut_torn: bool) -> int:
+    """Apply a journal's records to counters, in order; the bytes of its whole records. A torn last
+    record is dropped (and, with cut_torn, cut off the file, so that appends follow a whole one)."""
+    try:
+        data = journal.read_bytes()
+    except FileNotFoundError:
+        return 0
+    except OSError as error:
+        raise DataFileError(f"{journal}: cannot read: {error.strerror or error}") from None
+    lines = data.split(b"\n")  # the last is what follows the last newline: empty, or torn
+    whole = len(data) - len(lines[-1])
+    for number, line in enumerate(lines[:-1], 1):
+        try:
+            record = json.loads(line, object_pairs_hook=_refuse_duplicate_ids)
+            if not isinstance(record, dict):
+                raise ValueError("a record is a JSON object")
+        except ValueError as error:
+            if number < len(lines) - 1:
+                raise DataFileError(f"{journal}: line {number} is no record ({error}); only the last "
+                                    "can be torn by a crash") from None
+            whole -= len(line) + 1  # the last line, newline and all, yet not whole: dropped too
+            lines[-1] = line
+            break
+        for counter_id, value in record.items():
+            if problem := record_problem(counter_id, value, deletion=True):
+                raise DataFileError(f"{journal}: line {number}: {problem}")
+            if value is None:
+                counters.pop(counter_id, None)
+            else:
+                counters[counter_id] = value
+    if whole < len(data):
+        log.warning("%s: dropped a torn last record (%d bytes, a crash in mid-write; nothing acknowledged "
+                    "was in it)", journal, len(data) - whole)
+        if cut_torn:
+            try:
+                os.truncate(journal, whole)
+            except OSError as error:
+                raise DataFileError(f"{journal}: cannot cut its torn last record: {error.strerror or error}") from None
+    return whole
+
+
+def snapshot_text(ids: Iterable[str], values: dict[str, int]) -> str:
+    """The data file's text: the counters of ids that still exist, in order, indented like
+    json.dumps(indent=2) (ids need no escaping). Runs in a thread: formatting a million takes ~0.3 s,
+    with the event loop taking turns, where json.dumps would hold it for as long."""
+    lines = [f'  "{counter_id}": {value}' for counter_id in ids if (value := values.get(counter_id)) is not None]
+    return "{\n" + ",\n".join(lines) + "\n}\n" if lines else "{}\n"
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Replace path with data so that a crash at any instant leaves the old file or the new one.
+
+    A symbolic link stays one: the file it points to is replaced, and keeps its mode and owner."""
+    target = Path(os.path.realpath(path))
+    temporary = target.with_name(target.name + ".tmp")  # beside the target: a rename can't cross file systems
+    try:
+        with open(temporary, "wb") as file:
+            keep_permissions(target, file.fileno())  # before the data goes in, so no one else may read it
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, target)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    fsync_directory(target.parent)  # makes the rename itself durable
+
+
+def fsync_directory(directory: Path) -> None:
+    descriptor = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def keep_permissions(path: Path, descriptor: int) -> None:
+    """Give the open file the mode, owner and group of the file at path, if there is one (a new
+    file keeps the default mode): an operator's 0600 must survive the save that replaces it."""
+    try:
+        existing = os.stat(path)
+    except FileNotFoundError:
+        return
+    try:
+        os.fchown(descriptor, existing.st_uid, existing.st_gid)
+    except PermissionError:
+        pass  # only root gives a file away (or to a group it isn't in): the mode still carries over
+    os.fchmod(descriptor, stat.S_IMODE(existing.st_mode))  # after the owner: a chown clears setuid bits
+
+
+COMPACT_AT_LEAST = 1 << 20  # journal bytes before a compaction: below that it replays in milliseconds
+
+
+class Journal:
+    """Saves: what changed goes to the journal behind the requests (within a save interval), or
+    before their answer in durable mode (group commit: one fdatasync acknowledges every change made
+    before it); the journal is folded into the data file when it outgrows it, and on a stop.
+
+    The keeper of the change feed: it records every change of a counter first, and in durable mode
+    releases them to the feed's other receivers once they are on disk, whether the request that
+    made a change still waits or got a 503 from an earlier save."""
+
+    def __init__(self, path: Path, loaded: Loaded, values: dict[str, int], feed: ChangeFeed, *,
+                 save_interval: float, durable: bool) -> None:
+        self.path = path
+        self._target = Path(os.path.realpath(path))
+        self._journal, self._compacting = journal_paths(self._target)
+        self._values = values  # the store's, read when the data file is rewritten
+        self._feed = feed
+        self._save_interval = save_interval
+        self._durable = durable
+        self._unsaved: dict[str, int | None] = {}  # counter id -> its latest value (None: deleted)
+        self._waiting: list[asyncio.Future[None]] = []  # durable changes the next save acknowledges
+        self._due = asyncio.Event()  # set by every change, cleared when a save takes them
+        self._one_at_a_time = asyncio.Lock()  # appends, and a compaction's renaming of the journal
+        self._descriptor: int | None = None  # the journal, open for appending
+        self._journal_bytes = loaded.journal_bytes
+        self._snapshot_bytes = loaded.snapshot_bytes
+        self._snapshot_exists = self._target.exists()
+        self._torn = False  # an append failed and could not be cut off: the next save compacts
+        self._compaction: asyncio.Task[None] | None = None
+        self.saving = Outage(f"saving {path}")
+        # For /metrics:
+        self.saves = 0
+        self.save_failures = 0
+        self.compactions = 0
+        self.last_save_seconds = 0.0  # how long the last save took, failed or not
+        # Wall-clock time the files last held every value: the last successful save, or the load (an
+        # idle server never saves, and an alert on this age must not fire for it).
+        self.last_saved_at = time.time()
+
+    @property
+    def save_error(self) -> str | None:
+        """Why the last save failed; None while saves work."""
+        return self.saving.error
+
+    def record(self, counter_id: str, value: int | None) -> None:
+        """The feed's keeper: a counter's change, to be saved."""
+        self._unsaved[counter_id] = value
+        self._due.set()
+
+    def refusal(self) -> str | None:
+        """Durable mode takes no change it can't write: why not, while saves fail."""
+        return self.saving.error if self._durable else None
+
+    async def kept(self) -> None:
+        """Durable mode: return once every change made before this call is on disk, and released.
+        Raises SaveFailed with the reason if the save that would have written them fails; a later
+        save that succeeds releases them."""
+        if not self._durable:
+            return
         waiter = asyncio.get_running_loop().create_future()
         self._waiting.append(waiter)
-        self._unsaved.set()
         await waiter
 
     async def run_saves(self) -> None:
         """Save whenever something changed: one interval later (write-behind), at once in durable
         mode (while one save runs, the changes behind it gather for the next), and with a growing
         delay while saves fail."""
-        while True:
-            await self._unsaved.wait()
-            if self.save_error is not None:
-                await asyncio.sleep(max(self._saving.retry_delay, 0 if self.durable else self._save_interval))
-            elif not self.durable:
-                await asyncio.sleep(self._save_interval)
-            await self.save()
+        await self._due.wait()
+        if self.saving.error is not None:
+            await asyncio.sleep(max(self.saving.retry_delay, 0 if self._durable else self._save_interval))
+        elif not self._durable:
+            await asyncio.sleep(self._save_interval)
+        await self.save()
+
+    async def save(self) -> None:
+        """Append what changed now. A failure is logged once per outage and keeps the changes to save."""
+        async with self._one_at_a_time:
+            self._due.clear()
+            batch, self._unsaved = self._unsaved, {}
+            waiting, self._waiting = self._waiting, []
+            if not batch and self._snapshot_exists and not self._torn:
+                self._acknowledge(waiting)
+                return
+            started = time.perf_counter()
+            try:
+                if self._torn or not self._snapshot_exists:
+                    # The data file is made by the first save, and a journal that may hold a broken
+                    # record is folded into it, then started anew.
+                    await self._in_thread(self._rotate_and_write_snapshot, list(self._values))
+                else:
+                    await self._in_thread(self._append, (json.dumps(batch) + "\n").encode())
+            except Exception as error:  # noqa: BLE001 - a disk that fails, or a bug: the changes wait
+                self._unsaved = batch | self._unsaved  # the newer values win
+                self._save_failed(error, waiting)
+            except asyncio.CancelledError:  # a stop while it ran: the final save answers them
+                self._unsaved = batch | self._unsaved
+                self._waiting[:0] = waiting
+                self._due.set()
+                raise
+            else:
+                self._save_succeeded(batch, waiting)
+            finally:
+                self.saves += 1
+                self.last_save_seconds = time.perf_counter() - started
+        if self._journal_bytes > max(self._snapshot_bytes, COMPACT_AT_LEAST) and self._compaction is None:
+            self._compaction = asyncio.create_task(self.compact())
+
+    @staticmethod
+    async def _in_thread(work: Callable[..., None], *arguments: object) -> None:
+        """Run blocking file work in a thread; a cancellation waits for it (a thread can't be stopped,
+        and a second save must not write beside it) and is then raised."""
+        done = asyncio.ensure_future(asyncio.to_thread(work, *arguments))
+        try:
+            await asyncio.shield(done)
+        except asyncio.CancelledError:
+            await asyncio.wait([done])
+            raise
+
+    def _append(self, line: bytes) -> None:
+        """Runs in a thread: the line at the journal's end, on disk. If it fails, what it wrote is cut
+        off again (else the journal would hold a torn record before whole ones)."""
+        if self._descriptor is None:
+            created = not self._journal.exists()
+            self._descriptor = os.open(self._journal, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            if created:
+                keep_permissions(self._target, self._descriptor)
+                fsync_directory(self._target.parent)
+        whole = self._journal_bytes
+        try:
+            view = memoryview(line)
+            while view:
+                view = view[os.write(self._descriptor, view):]
+            os.fdatasync(self._descriptor)
+        except OSError:
+            try:
+                os.ftruncate(self._descriptor, whole)
+            except OSError:
+                self._torn = True
+            raise
+        self._journal_bytes = whole + len(line)
+
+    def _rotate_and_write_snapshot(self, ids: list[str]) -> None:
+        """Runs in a thread, holding the lock: the data file anew, and no journal (a save that found
+        it missing, or a journal that may end in a broken record)."""
+        self._rotate()
+        self._write_snapshot(ids)
+
+    def _rotate(self) -> None:
+        """The journal set aside for a compaction (unless one that failed left it: its records are
+        older than those now in the journal, which stays)."""
+        if self._descriptor is not None:
+            os.close(self._descriptor)
+            self._descriptor = None
+        if not self._compacting.exists() and self._journal.exists():
+            os.replace(self._journal, self._compacting)
+            self._journal_bytes = 0
+            self._torn = False
+
+    def _write_snapshot(self, ids: list[str]) -> None:
+        data = snapshot_text(ids, self._values).encode()
+        write_atomically(self._target, data)
+        self._snapshot_bytes = len(data)
+        self._snapshot_exists = True
+        self._compacting.unlink(missing_ok=True)
+        fsync_directory(self._target.parent)
+
+    async def compact(self) -> None:
+        """Fold the journal into the data file: set it aside and take the ids in one step (saves then
+        go on into a new journal), rewrite the data file from the values in a thread, remove the old
+        journal. A failure is the saves' outage; the old journal stays until a compaction succeeds."""
+        try:
+            async with self._one_at_a_time:
+                await self._in_thread(self._rotate)
+                ids = list(self._values)  # ~10 ms for a million: the only part on the event loop
+            started = time.perf_counter()
+            await self._in_thread(self._write_snapshot, ids)
+        except Exception as error:  # noqa: BLE001 - the old journal stays; a later compaction folds it
+            self._save_failed(error, [])
+        else:
+            self.compactions += 1
+            log.info("compacted the journal into %s in %.2f s", self.path, time.perf_counter() - started)
+        finally:
+            self._compaction = None
+
+    def _save_failed(self, error: Exception, waiting: list[asyncio.Future[None]]) -> None:
+        self._due.set()
+        self.saving.failed(failure_reason(error), unexpected=unexpected(error))
+        self.save_failures += 1
+        for waiter in waiting:
+            if not waiter.done():
+                waiter.set_exception(SaveFailed(self.saving.error))
+
+    def _save_succeeded(self, batch: dict[str, int | None], waiting: list[asyncio.Future[None]]) -> None:
+        self.last_saved_at = time.time()
+        self.saving.succeeded()
+        if self._durable:
+            for counter_id, value in batch.items():  # on disk: the other receivers hear of them now
+                self._feed.release(Key(counter_id), value)
+        self._acknowledge(waiting)
+
+    @staticmethod
+    def _acknowledge(waiting: list[asyncio.Future[None]]) -> None:
+        for waiter in waiting:
+            if not waiter.done():
+                waiter.set_result(None)
 
     async def close(self) -> None:
-        """The final save on shutdown, for whatever the last interval (or a failed save) left unsaved.
-        If it fails too, say what is lost: the counters whose values the file doesn't hold."""
-        if self._unsaved.is_set():
+        """On a stop, once the requests have ended: the last changes saved, then the journal folded
+        into the data file (which then holds every value) and left empty. If that fails, say what
+        is lost: the counters whose values the files don't hold."""
+        if self._compaction is not None:
+            await asyncio.gather(self._compaction, return_exceptions=True)
+        if self._unsaved or self._torn:
             await self.save()
-        if self.save_error is not None:
-            log.error("stopping with %s not saved: %s", self._not_on_disk(), self.save_error)
+        if self.saving.error is None and (self._journal_bytes or self._compacting.exists()):
+            await self.compact()
+            if self.saving.error is None:
+                with contextlib.suppress(OSError):
+                    self._journal.touch()  # the journal, empty: every value is in the data file
+        if self._descriptor is not None:
+            os.close(self._descriptor)
+            self._descriptor = None
+        if self.saving.error is not None:
+            log.error("stopping with %s not saved: %s", self._not_on_disk(), self.saving.error)
 
     def _not_on_disk(self) -> str:
         try:
-            on_disk = json.loads(self.path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+            on_disk = load_counters(self.path, starting=False).counters
+        except (OSError, DataFileError):
             on_disk = {}
         differ = sum(on_disk.get(counter_id) != value for counter_id, value in self._values.items())
         differ += sum(counter_id not in self._values for counter_id in on_disk)  # deleted since
         return f"the values of {differ} counter{'s' * (differ != 1)}"
-
-    async def save(self) -> None:
-        """Write every value now. A failure is logged once per outage and leaves the values unsaved."""
-        async with self._one_save_at_a_time:
-            self._unsaved.clear()
-            waiting, self._waiting = self._waiting, []
-            changed, self._changed = self._changed, set()
-            snapshot = self.snapshot()
-            started = time.perf_counter()
-            write = asyncio.ensure_future(asyncio.to_thread(write_counters, self.path, snapshot))
-            try:
-                await asyncio.shield(write)
-            except asyncio.CancelledError:
-                # The thread can't be stopped: let it finish, so no second save writes the temp file.
-                await asyncio.wait([write])
-                self._waiting[:0] = waiting  # the final save answers them
-                self._changed |= changed
-                self._unsaved.set()
-                raise
-            except OSError as error:
-                self._changed |= changed  # announced by the save that holds them
-                self._save_failed(error, waiting)
-            else:
-                self._announce_saved(changed, snapshot)
-                self._save_succeeded(waiting)
-            finally:
-                self.saves += 1
-                self.last_save_seconds = time.perf_counter() - started
-
-    def _announce_saved(self, changed: set[str], snapshot: dict[str, int]) -> None:
-        """Durable mode: the changes this save holds reach the listeners, in the values it wrote."""
-        for counter_id in changed:
-            value = snapshot.get(counter_id)
-            if value is None:
-                self._announced.pop(counter_id, None)
-            else:
-                self._announced[counter_id] = value
-            self._announce_durable(counter_id, value)
-
-    def _save_failed(self, error: OSError, waiting: list[asyncio.Future[None]]) -> None:
-        self._unsaved.set()
-        self._saving.failed(error.strerror or str(error))
-        self.save_failures += 1
-        for waiter in waiting:
-            if not waiter.done():
-                waiter.set_exception(SaveFailed(self.save_error))
-
-    def _save_succeeded(self, waiting: list[asyncio.Future[None]]) -> None:
-        self.last_saved_at = time.time()
-        self._saving.succeeded()
-        if not self._file_exists:
-            log.info("created %s", self.path)
-            self._file_exists = True
-        for waiter in waiting:
-            if not waiter.done():
-                waiter.set_result(None)
 
 
 # --------------------------------------------------------------------------------------------------
 # The listener hub: fan-out of changes to SSE streams
 # --------------------------------------------------------------------------------------------------
 #
-# Once a stream's headers and first frames are out, the hub takes its connection over from aiohttp:
-# the socket is duplicated, aiohttp's transport is aborted (which closes only aiohttp's descriptor)
-# and the hub writes to the duplicate itself. aiohttp then frees everything it held for the request
-# (parser, request, handler task, timers) and a listener costs a socket and one small object.
+# A stream's listener is admitted before its first frames are computed, with no await between: it
+# holds its slot in the limits, and counts among its counters' watchers, from then on. Once the
+# stream's headers and first frames are out, the hub takes its connection over from aiohttp: the
+# socket is duplicated, aiohttp's transport is aborted (which closes only aiohttp's descriptor) and
+# the hub writes to the duplicate itself. aiohttp then frees everything it held for the request
+# (parser, request, handler task, timers) and a listener costs a socket and one small object. A
+# change made while the first frames went out reaches the stream when it is taken over.
 #
 # The hub writes with send() on the non-blocking socket, not through an asyncio transport: what the
 # kernel doesn't take is the listener's only backlog in user space (the rest of one frame), so a
@@ -580,78 +1137,18 @@ class CounterStore:
 # out, and a handler that finds its transport aborted returns without writing more.
 #
 # A change is encoded once and written straight to every listener's socket: the kernel's send is the
-# floor, so the loop around it stays as thin as possible.
+# floor, so the loop around it stays as thin as possible. A channel's broadcasts follow the pace
+# every fan-out follows (see Pace): at once while calm, after a rest while hot.
 
 LISTENER_SNDBUF = 16 * 1024  # kernel send buffer per listener: a frozen client pins this, not ~2 MB
 LAST_CHUNK = b"0\r\n\r\n"  # ends a chunked response
-BROADCAST_REST = 5  # a hot counter rests this many times as long as its last broadcast took
-
-# Every change goes out in four encodings, made once per broadcast: a single-counter stream's
-# "message" event or a multi-counter stream's "counter" event, each bare (HTTP/1.0) or as one
-# chunk (HTTP/1.1). A listener's `style` is its index into that tuple.
-Frames = tuple[bytes, bytes, bytes, bytes]
-MESSAGE_STYLE, COUNTER_STYLE = 0, 2  # + 1 when chunked
-
-# A channel is a counter's values (its key is the counter's id) or its watcher count (WATCHERS + the
-# id: no id has a '/'). A watcher count goes out as a "message" event on a single stream, the same
-# shape as a value, and as a "watchers" event on a multi-counter stream.
-WATCHERS = "watchers/"
-
-
-def watchers_key(counter_id: str) -> str:
-    return WATCHERS + counter_id
-
-
-def watched_counter(key: str) -> str | None:
-    """The counter whose watcher count a channel key is; None for a counter's own values."""
-    return key[len(WATCHERS):] if key.startswith(WATCHERS) else None
-
-
-def message_event(value: int) -> bytes:
-    return b"event: message\ndata: %d\n\n" % value
-
-
-def counter_event(counter_id: str, value: int) -> bytes:
-    # Ids are letters, digits, '.', '_' and '-': nothing in them needs escaping in JSON.
-    return b'event: counter\ndata: {"id": "%s", "value": %d}\n\n' % (counter_id.encode(), value)
-
-
-def chunk(payload: bytes) -> bytes:
-    """payload as one chunk of HTTP/1.1 chunked transfer encoding."""
-    return b"%x\r\n%s\r\n" % (len(payload), payload)
-
-
-def watchers_event(counter_id: str, watchers: int) -> bytes:
-    return b'event: watchers\ndata: {"id": "%s", "watchers": %d}\n\n' % (counter_id.encode(), watchers)
-
-
-def frames(counter_id: str, value: int) -> Frames:
-    message, counter = message_event(value), counter_event(counter_id, value)
-    return message, chunk(message), counter, chunk(counter)
-
-
-def channel_frames(key: str, value: int) -> Frames:
-    """A channel's value in every style: a counter's value, or a watcher count."""
-    if (counter_id := watched_counter(key)) is None:
-        return frames(key, value)
-    message, watchers = message_event(value), watchers_event(counter_id, value)
-    return message, chunk(message), watchers, chunk(watchers)
-
-
-def stream_style(*, multi: bool, chunked: bool) -> int:
-    return (COUNTER_STYLE if multi else MESSAGE_STYLE) + chunked
-
-
-def encode_values(values: dict[str, int], style: int) -> bytes:
-    """These channels' values as frames of one style: a stream's first frames, or a catch-up."""
-    return b"".join(channel_frames(key, value)[style] for key, value in values.items())
 
 
 def retry_field(window: ReconnectWindow) -> bytes:
-    """What every stream starts with: a block of its own that sets how long the client waits before
-    it reconnects, drawn for this stream, so that a restart's crowd comes back spread over the
-    window. It is no event: clients that ignore it see the same event frames."""
-    return b"retry: %d\n\n" % window.draw_ms()
+    """What a stream's first event starts with: how long the client waits before it reconnects, drawn
+    for this stream, so that a restart's crowd comes back spread over the window. In the first
+    event's own block: a block of only `retry:` is an empty message to some clients (httpx-sse)."""
+    return b"retry: %d\n" % window.draw_ms()
 
 
 KEEPALIVE = b":\n\n"
@@ -659,19 +1156,21 @@ KEEPALIVE_FRAMES: Frames = (KEEPALIVE, chunk(KEEPALIVE)) * 2
 
 
 class Listener:
-    """One stream: its slot in the hub's limits from the moment it is admitted, then its socket."""
+    """One stream: its slot in the hub's limits and its channels from the moment it is admitted,
+    then its socket."""
 
-    __slots__ = ("hub", "client", "style", "sock", "channels", "unsent", "behind_since", "counted")
+    __slots__ = ("hub", "client", "style", "sock", "channels", "first", "unsent", "behind_since", "counted")
 
     def __init__(self, hub: ListenerHub, client: str, style: int) -> None:
         self.hub = hub
         self.client = client  # its address, for the per-client cap
         self.style = style
         self.sock: socket.socket | None = None  # the duplicate, once the hub took the stream over
-        self.channels: list[Channel] = []  # one for a single-counter stream; empty until registered
+        self.channels: list[Channel] = []
+        self.first: dict[Key, int] | None = {}  # what its first frames carry, until it is taken over
         self.unsent = b""  # what the kernel didn't take of the last write; not empty: behind
         self.behind_since = 0.0  # monotonic time it fell behind; 0 while it keeps up
-        self.counted = True  # holds a slot in listener_count and its client's count
+        self.counted = True  # holds a slot in listener_count, its client's count and its channels
 
     def write(self, data: bytes) -> None:
         """Send data, or as much as the kernel takes; the rest goes out when the socket drains, and
@@ -721,23 +1220,27 @@ class Listener:
 
 
 class Channel:
-    """One counter's listeners (or its watcher count's) and what they have been sent."""
+    """One channel's listeners (taken over, and still arriving) and what they have been sent."""
 
-    __slots__ = ("key", "listeners", "value", "sent", "pending", "last_write")
+    __slots__ = ("key", "listeners", "arriving", "value", "sent", "pending", "pace", "last_write")
 
-    def __init__(self, key: str, value: int) -> None:
-        self.key = key  # the counter's id, or watchers_key(id)
-        self.listeners: set[Listener] = set()
-        self.value = value  # the latest value published
+    def __init__(self, key: Key, value: int) -> None:
+        self.key = key
+        self.listeners: set[Listener] = set()  # taken over: broadcasts write to them
+        self.arriving: set[Listener] = set()  # admitted, their first frames still going out
+        self.value = value  # the latest value the feed released
         self.sent = value  # the value the last broadcast carried
         self.pending: asyncio.Handle | None = None  # the scheduled broadcast, at most one
+        self.pace = Pace()
         self.last_write = time.monotonic()
+
+    def __len__(self) -> int:
+        return len(self.listeners) + len(self.arriving)
 
 
 class ListenerHub:
-    """Every stream's listener, by counter. A listener's slot is taken when its request is admitted
-    (reserve) and given back on every way out, so requests that arrive together can't pass the
-    limits; it gets a counter's changes once registered (take_over).
+    """Every stream's listener, by channel. A listener's slot is taken when its request is admitted
+    and given back on every way out, so requests that arrive together can't pass the limits.
 
     Values on a stream never go backwards (between admin writes, which may set a lower value): a
     channel's `value` only grows between them, and every write to a listener carries a channel's
@@ -745,7 +1248,7 @@ class ListenerHub:
 
     def __init__(self, *, keepalive_interval: float, stall_timeout: float, max_listeners: int,
                  max_listeners_per_ip: int) -> None:
-        self._channels: dict[str, Channel] = {}
+        self._channels: dict[Key, Channel] = {}
         self._behind: set[Listener] = set()
         self._per_client: dict[str, int] = {}  # listeners by client address
         self._keepalive_interval = keepalive_interval
@@ -755,29 +1258,37 @@ class ListenerHub:
         self._closing = False
         self.listener_count = 0
         self.watchers_changed: Callable[[str], None] = lambda counter_id: None  # Presence's, see there
+        self.sweeping = Outage("sweeping stalled listeners and idle streams")
         self.broadcasts = 0  # for /metrics
         self.coalesced = 0  # changes folded into a broadcast already scheduled
 
-    def refusal(self) -> str | None:
-        """Why the server can't take another listener now, or None."""
+    def refusal(self, client: str) -> tuple[type[web.HTTPException], str] | None:
+        """Why the server, or this client, can't open another stream now: the status and reason."""
         if self._closing:
-            return "the server is shutting down"
+            return web.HTTPServiceUnavailable, "the server is shutting down"
         if self.listener_count >= self._max_listeners:
-            return f"too many listeners (limit {self._max_listeners})"
-        return None
-
-    def client_refusal(self, client: str) -> str | None:
-        """Why this client can't open another stream, or None."""
+            return web.HTTPServiceUnavailable, f"too many listeners (limit {self._max_listeners})"
         if self._per_client.get(client, 0) >= self._max_listeners_per_ip:
-            return f"too many streams from {client} (limit {self._max_listeners_per_ip})"
+            return web.HTTPTooManyRequests, f"too many streams from {client} (limit {self._max_listeners_per_ip})"
         return None
 
-    def reserve(self, client: str, *, multi: bool, chunked: bool) -> Listener:
-        """A listener holding a slot in the limits (checked just before, with no await between);
-        release() gives it back if the stream never gets registered."""
+    def admit(self, client: str, style: int, keys: list[Key], value_of: Callable[[Key], int]) -> Listener:
+        """A listener of these channels (the limits checked just before, with no await between),
+        counted in them from now on; its `first` values are what their listeners were last sent
+        (value_of for a channel nobody listens to yet). release() gives its slot back."""
         self.listener_count += 1
         self._per_client[client] = self._per_client.get(client, 0) + 1
-        return Listener(self, client, stream_style(multi=multi, chunked=chunked))
+        listener = Listener(self, client, style)
+        for key in keys:  # a counter's values before its watcher count, which then counts this one
+            channel = self._channels.get(key)
+            if channel is None:
+                channel = self._channels[key] = Channel(key, value_of(key))
+            channel.arriving.add(listener)
+            listener.channels.append(channel)
+            listener.first[key] = channel.value
+            if not key.watchers:
+                self.watchers_changed(key.counter_id)
+        return listener
 
     def release(self, listener: Listener) -> None:
         """Give back the listener's slot, once; its channels let go of it."""
@@ -792,74 +1303,56 @@ class ListenerHub:
         self._behind.discard(listener)
         for channel in listener.channels:
             channel.listeners.discard(listener)
-            if not channel.listeners and self._channels.get(channel.key) is channel:
+            channel.arriving.discard(listener)
+            if not channel and self._channels.get(channel.key) is channel:
                 if channel.pending is not None:
                     channel.pending.cancel()
                 del self._channels[channel.key]
-            if watched_counter(channel.key) is None:
-                self.watchers_changed(channel.key)
+            if not channel.key.watchers:
+                self.watchers_changed(channel.key.counter_id)
         listener.channels = []
 
-    async def take_over(self, listener: Listener, transport: asyncio.Transport, first: dict[str, int],
-                        value_of: Callable[[str], int | None]) -> None:
-        """Take over a stream to which aiohttp has sent the headers and the first frames (the values
-        in `first`); from then on the stream gets every change of those counters. value_of gives a
-        counter's value as listeners know it, None once it is gone.
+    async def take_over(self, listener: Listener, transport: asyncio.Transport) -> None:
+        """Take over a stream to which aiohttp has sent the headers and the first frames: from then on
+        it gets every change of its channels (and at once any made meanwhile). A listener ended
+        meanwhile (its counter deleted, a stop) is left to aiohttp, which ends the response.
 
-        aiohttp's side of the connection is aborted on every way out: its handler finds it closed
-        and lets go. The caller releases the listener's slot if it isn't registered here."""
+        Otherwise aiohttp's side of the connection is aborted on every way out: its handler finds it
+        closed and lets go. The caller releases the listener's slot if it isn't taken over here."""
+        if not await self._sent_by_aiohttp(transport, listener):
+            if listener.counted:
+                transport.abort()  # the client left, or doesn't read its first frames
+            return
         try:
-            if not await self._sent_by_aiohttp(transport):
-                return  # the client left, or doesn't read its first frames
-            try:
-                listener.sock = duplicate(transport)
-            except OSError as error:  # out of descriptors: the stream ends, the client will retry
-                log.warning("a stream ended at its start: %s", error.strerror or error)
-                return
-            # From here on nothing yields to the loop until the listener is registered or closed.
-            if self._closing:  # shutdown began while aiohttp's bytes went out
-                self._end(listener)
-            elif not self._register(listener, first, value_of):
-                self._end(listener)  # a counter was deleted meanwhile: the stream ends
+            listener.sock = duplicate(transport)
+        except OSError as error:  # out of descriptors: the stream ends, the client will retry
+            log.warning("a stream ended at its start: %s", error.strerror or error)
+            return
         finally:
             transport.abort()  # closes aiohttp's descriptor only: the connection lives on in the duplicate
-
-    async def _sent_by_aiohttp(self, transport: asyncio.Transport) -> bool:
-        """Wait until aiohttp's bytes are out, so that none of ours can overtake them; False if the
-        client left first or didn't take them within the stall timeout."""
-        deadline = time.monotonic() + self._stall_timeout
-        while transport.get_write_buffer_size():
-            if transport.is_closing() or time.monotonic() > deadline:
-                return False
-            await asyncio.sleep(0.01)
-        return not transport.is_closing()
-
-    def _register(self, listener: Listener, first: dict[str, int], value_of: Callable[[str], int | None]) -> bool:
-        """Subscribe the listener to its channels and catch it up; False if a counter is gone."""
-        catch_up: dict[str, int] = {}
-        for key, first_value in first.items():
-            channel = self._channels.get(key)
-            if channel is None:
-                value = value_of(key)
-                if value is None:
-                    return False
-                channel = self._channels[key] = Channel(key, value)
+        # From here on nothing yields to the loop until the listener is in its channels.
+        catch_up = {}
+        for channel in listener.channels:
+            channel.arriving.discard(listener)
             channel.listeners.add(listener)
-            listener.channels.append(channel)
-            # Changed since the first frame: a broadcast that is scheduled carries the latest value to
-            # every listener of the channel, this one included; only one already made can't. A stream
-            # of a counter and its watcher count counted itself in its first frame: its arrival makes
-            # that count, which Presence sends (the channel still has the count before it).
-            if (channel.value != first_value and channel.value == channel.sent
-                    and watched_counter(key) not in first):
-                catch_up[key] = channel.value
-        for key in first:
-            if watched_counter(key) is None:
-                self.watchers_changed(key)
+            # Changed since its first frame: a broadcast that is scheduled carries the latest value to
+            # every listener of the channel, this one included; only one already made can't.
+            if channel.value != listener.first[channel.key] and channel.pending is None:
+                catch_up[channel.key] = channel.value
+        listener.first = None
         asyncio.get_running_loop().add_reader(listener.sock.fileno(), listener.on_readable)
         if catch_up:
             listener.write(encode_values(catch_up, listener.style))
-        return True
+
+    async def _sent_by_aiohttp(self, transport: asyncio.Transport, listener: Listener) -> bool:
+        """Wait until aiohttp's bytes are out, so that none of ours can overtake them; False if the
+        client left first, didn't take them within the stall timeout, or the listener was ended."""
+        deadline = time.monotonic() + self._stall_timeout
+        while transport.get_write_buffer_size():
+            if transport.is_closing() or time.monotonic() > deadline or not listener.counted:
+                return False
+            await asyncio.sleep(0.01)
+        return listener.counted and not transport.is_closing()
 
     def disconnect(self, listener: Listener) -> None:
         """The client left, or is dropped: close its socket and give back its slot."""
@@ -869,14 +1362,15 @@ class ListenerHub:
 
     def _end(self, listener: Listener) -> None:
         """End the stream properly (the last chunk) if it keeps up; a listener that is behind would
-        never take it, so its socket just closes."""
-        if not listener.unsent and listener.style & 1:
+        never take it, so its socket just closes. One still arriving is ended by aiohttp."""
+        if listener.sock is not None and not listener.unsent and listener.style & 1:
             try:
                 listener.sock.send(LAST_CHUNK)
             except OSError:
                 pass
         self.release(listener)
-        listener.close()
+        if listener.sock is not None:
+            listener.close()
 
     def fell_behind(self, listener: Listener) -> None:
         """The kernel took only part of a write: wait for the socket to drain, skipping values."""
@@ -885,36 +1379,43 @@ class ListenerHub:
         asyncio.get_running_loop().add_writer(listener.sock.fileno(), listener.on_writable)
 
     def caught_up(self, listener: Listener) -> None:
-        """It drained: send the latest value of each of its counters."""
+        """It drained: send the latest value of each of its channels."""
         asyncio.get_running_loop().remove_writer(listener.sock.fileno())
         listener.behind_since = 0.0
         self._behind.discard(listener)
         listener.write(encode_values({channel.key: channel.value for channel in listener.channels}, listener.style))
 
-    def publish(self, key: str, value: int) -> None:
-        """A channel's value changed: broadcast soon, coalescing with changes that come before it goes."""
+    def changed(self, key: Key, value: int | None) -> None:
+        """The feed's receiver: a channel's value changed (broadcast at its pace, the latest value
+        when it goes), or the channel is gone (its streams end)."""
         channel = self._channels.get(key)
         if channel is None:
             return
+        if value is None:
+            for listener in [*channel.listeners, *channel.arriving]:
+                self._end(listener)
+            return
         channel.value = value
-        if channel.pending is None:
-            # Marked here, not when the broadcast starts: a burst of POSTs schedules it once.
-            channel.pending = asyncio.get_running_loop().call_soon(self._broadcast, channel)
-        else:
+        if channel.pending is not None:
             self.coalesced += 1
+            return
+        # Marked here, not when the broadcast starts: a burst of POSTs schedules it once.
+        loop = asyncio.get_running_loop()
+        if rest := channel.pace.wait(time.monotonic()):
+            channel.pending = loop.call_later(rest, self._broadcast, channel)
+        else:
+            channel.pending = loop.call_soon(self._broadcast, channel)
 
     def _broadcast(self, channel: Channel) -> None:
         channel.pending = None
         if channel.value == channel.sent:
             return
-        started = time.perf_counter()
+        started = time.monotonic()
         channel.sent = channel.value
-        self._write_all(channel, channel_frames(channel.key, channel.value))
+        self._write_all(channel, channel.key.frames(channel.value))
         self.broadcasts += 1
-        # A hot counter rests, so increments keep flowing (broadcasts take at most 1/6 of the loop);
-        # the next broadcast carries whatever is latest by then.
-        elapsed = time.perf_counter() - started
-        channel.pending = asyncio.get_running_loop().call_later(BROADCAST_REST * elapsed, self._broadcast, channel)
+        ended = time.monotonic()
+        channel.pace.went(ended - started, ended)
 
     def _write_all(self, channel: Channel, frames: Frames) -> None:
         """Write to every listener that keeps up; the others get the latest when they drain."""
@@ -923,11 +1424,10 @@ class ListenerHub:
             if not listener.unsent:
                 listener.write(frames[listener.style])
 
-    async def run_sweeps(self) -> None:
-        interval = min(0.5, self._keepalive_interval / 2)
-        while True:
-            await asyncio.sleep(interval)
-            self.sweep()
+    async def sweep_now_and_then(self) -> None:
+        await asyncio.sleep(min(0.5, self._keepalive_interval / 2))
+        self.sweep()
+        self.sweeping.succeeded()
 
     def sweep(self) -> None:
         """Disconnect listeners stuck past the stall timeout; keep idle streams alive."""
@@ -942,22 +1442,14 @@ class ListenerHub:
 
     def watchers(self, counter_id: str) -> int:
         """How many streams here carry the counter's values (not its watcher count)."""
-        channel = self._channels.get(counter_id)
-        return len(channel.listeners) if channel is not None else 0
-
-    def drop(self, counter_id: str) -> None:
-        """End the streams of a counter that no longer exists, and of its watcher count."""
-        for key in (counter_id, watchers_key(counter_id)):
-            channel = self._channels.get(key)
-            if channel is not None:
-                for listener in list(channel.listeners):
-                    self._end(listener)
+        channel = self._channels.get(Key(counter_id))
+        return len(channel) if channel is not None else 0
 
     def close(self) -> None:
         """End every stream (on shutdown); no new listener is taken after this."""
         self._closing = True
         for channel in list(self._channels.values()):
-            for listener in list(channel.listeners):
+            for listener in [*channel.listeners, *channel.arriving]:
                 self._end(listener)
 
 
@@ -972,462 +1464,37 @@ def duplicate(transport: asyncio.Transport) -> socket.socket:
 
 
 # --------------------------------------------------------------------------------------------------
-# Caches in front: purged on every change
-# --------------------------------------------------------------------------------------------------
-#
-# With --purge-url, reads (plain, JSON, and the answers Pushpin holds streams with) may be kept by a
-# cache in front for --cache-seconds (Varnish: deploy/varnish/livecounter.vcl), and every change
-# purges what it holds of the counter: PURGE /counters/<id>/ (its every Vary variant), and
-# /counters/<id>/watchers/ when that count changes. As with publishing: one request in flight per
-# cache, the oldest path first, never on a POST's path; a cache that fails is its own outage, logged
-# once and retried. Each publish to Pushpin waits (briefly) for its counters' purges, as the original
-# Live Counter did: a viewer who arrives after a change gets it from the origin, not the old answer.
-
-PURGE_TIMEOUT = 2.0  # seconds for one PURGE
-PURGE_BEFORE_PUBLISH = 0.5  # seconds a publish waits at most for its counters' purges
-# Varnish's PURGE (and a ban) passes over an answer it is still fetching: a read answered just
-# before a change and stored just after its purge stays cached until the next change. So every path
-# is purged once more, this long after its last purge: longer than any answer takes to arrive.
-SECOND_PURGE_DELAY = 1.0
-
-
-def purge_path(key: str) -> str:
-    """What a cache holds of a hub channel, relative to the cache's URL."""
-    if (counter_id := watched_counter(key)) is not None:
-        return f"counters/{counter_id}/watchers/"
-    return f"counters/{key}/"
-
-
-class CacheTarget:
-    """One cache: the paths it still has to purge, and whether purging it works."""
-
-    def __init__(self, url: str) -> None:
-        self.url = url.rstrip("/") + "/"
-        self.unpurged: dict[str, bool] = {}  # paths, the oldest first -> whether it is a second purge
-        self.second_purges: dict[str, asyncio.TimerHandle] = {}  # path -> its second purge to come
-        self.purging_now: str | None = None  # the path of the request in flight
-        self.wakeup = asyncio.Event()
-        self.purging = Outage(f"purging {self.url}")
-
-
-class CachePurger:
-    def __init__(self, urls: tuple[str, ...]) -> None:
-        self._targets = [CacheTarget(url) for url in urls]
-        self.purges = 0  # for /metrics
-        self.failures = 0
-
-    @property
-    def error(self) -> str | None:
-        """Why purging fails, for /healthz; None while it works."""
-        return errors_of(target.purging for target in self._targets)
-
-    def purge(self, key: str) -> None:
-        """Have every cache drop what it holds of a hub channel (a counter's value or watcher count)."""
-        path = purge_path(key)
-        for target in self._targets:
-            target.unpurged[path] = False
-            target.wakeup.set()
-
-    async def purged(self, keys: Iterable[str], timeout: float) -> None:
-        """Wait until every cache that works has purged these channels, for at most timeout seconds."""
-        paths = {purge_path(key) for key in keys}
-        await waited(lambda: not any(target.purging.error is None and (target.purging_now in paths or any(
-                     not target.unpurged.get(path, True) for path in paths)) for target in self._targets),
-                     timeout, 0.002)
-
-    async def flushed(self, timeout: float) -> None:
-        """On a stop: wait until every cache has purged everything, for at most timeout seconds."""
-        # A cache that fails is not waited for: it is retried after its delay, not before the end.
-        await waited(lambda: not any((target.unpurged or target.purging_now) and target.purging.error is None
-                                     for target in self._targets), timeout, 0.02)
-        if unpurged := max(len(target.unpurged) + bool(target.purging_now) for target in self._targets):
-            log.warning("stopping with %d read%s not purged from every cache: stale there for up to "
-                        "--cache-seconds", unpurged, "s" * (unpurged != 1))
-
-    async def run(self) -> None:
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=PURGE_TIMEOUT)) as session:
-            await asyncio.gather(*(self._purge(session, target) for target in self._targets))
-
-    async def _purge(self, session: aiohttp.ClientSession, target: CacheTarget) -> None:
-        while True:
-            await target.wakeup.wait()
-            target.wakeup.clear()
-            while target.unpurged:
-                path = target.purging_now = next(iter(target.unpurged))
-                second = target.unpurged.pop(path)
-                try:
-                    async with session.request("PURGE", target.url + path) as response:
-                        if response.status >= 300:
-                            answer = (await response.read()).decode("utf-8", "replace").strip()[:200]
-                            raise aiohttp.ClientError(f"{response.status} {answer}")
-                except Exception as error:  # noqa: BLE001 - a misbehaving cache must not stop purging
-                    target.unpurged.setdefault(path, second)
-                    target.purging_now = None
-                    self.failures += 1
-                    target.purging.failed(failure_reason(error))
-                    await asyncio.sleep(target.purging.retry_delay)
-                    continue
-                target.purging_now = None
-                self.purges += 1
-                target.purging.succeeded()
-                if not second:
-                    self._purge_again_later(target, path)
-
-    def _purge_again_later(self, target: CacheTarget, path: str) -> None:
-        """Purge the path once more when SECOND_PURGE_DELAY passed since its last purge (see there)."""
-        if (pending := target.second_purges.pop(path, None)) is not None:
-            pending.cancel()
-        target.second_purges[path] = asyncio.get_running_loop().call_later(
-            SECOND_PURGE_DELAY, self._purge_again, target, path)
-
-    def _purge_again(self, target: CacheTarget, path: str) -> None:
-        del target.second_purges[path]
-        target.unpurged.setdefault(path, True)
-        target.wakeup.set()
-
-
-# --------------------------------------------------------------------------------------------------
-# GRIP publishing: Pushpin holds the connections, livecounter publishes the changes
-# --------------------------------------------------------------------------------------------------
-#
-# A stream requested through Pushpin (it signs the request with Grip-Sig) is answered with its
-# first frames and Grip-Hold instructions; Pushpin keeps the connection and subscribes it to the
-# counters' channels. Every change is then published to each Pushpin over its HTTP publish API.
-
-PUBLISH_BATCH = 500  # counters per publish request; a long outage may leave many to catch up
-PUBLISH_TIMEOUT = 5.0  # seconds; a slow Pushpin delays only its own next publish
-HINT_DELAY = 0.25  # seconds after a channel's last publish to a Pushpin, its hint (see _hint)
-HINT_WINDOW = 2.0  # seconds: a publish is hinted if a stream was held on its channel this lately
-HINT = "hint"  # in a Pushpin's queue in place of a value: the channel's streams are to ask their next link
-STOP_PUBLISH_TIMEOUT = 2.0  # seconds a stop waits for the last publishes (streams on Pushpin outlive it)
-ITEMS_PER_CHANGE = 2  # a change goes to both of its counter's channels (publish_items)
-PACING_ROUND = 0.1  # seconds of --grip-message-rate a paced round waits for when many changes wait
-
-
-def grip_channel(key: str, multi: bool) -> str:
-    """The Pushpin channel of a hub channel's key (a counter's values, or its watcher count) for
-    single-counter ("message" events) or multi-counter streams. No id has ':', so no names collide."""
-    if (counter_id := watched_counter(key)) is not None:
-        return f"watchers:{counter_id}" if multi else f"watchers-{counter_id}"
-    return f"counters:{key}" if multi else f"counter-{key}"
-
-
-def key_of_grip_channel(channel: str) -> tuple[str, bool] | None:
-    """The hub channel key of a Pushpin channel, and whether it is a multi-counter stream's; None if
-    it is none of livecounter's."""
-    for key_prefix in ("", WATCHERS):
-        for multi in (False, True):
-            prefix = grip_channel(key_prefix, multi)
-            if channel.startswith(prefix) and COUNTER_ID.fullmatch(channel[len(prefix):]):
-                return key_prefix + channel[len(prefix):], multi
-    return None
-
-
-class PublishPacing:
-    """A token bucket of publish items for one Pushpin: `rate` a second, a second's worth at most.
-
-    Pushpin's handler (1.36, handler/engine.cpp and ratelimiter.cpp) queues one delivery per item
-    and subscribed connection, sends them at its message_rate a second, and drops any past
-    message_hwm queued ("exceeded publish hwm"), answering the publish 200 all the same. Paced here,
-    the backlog waits in `unpublished` instead, where a newer value replaces an older one."""
-
-    def __init__(self, rate: float) -> None:
-        self.rate = rate
-        self.capacity = max(float(rate), ITEMS_PER_CHANGE)
-        # A round goes when the bucket holds all that waits, or this much when more waits: a backlog
-        # goes out in ~1 / PACING_ROUND requests a second, not one request per change.
-        self.round = min(self.capacity, max(rate * PACING_ROUND, ITEMS_PER_CHANGE))
-        self.tokens = self.capacity
-        self.counted = time.monotonic()
-
-    def delay(self, items: int) -> float:
-        """Seconds before a round for `items` waiting items may go; 0: now."""
-        now = time.monotonic()
-        self.tokens = min(self.capacity, self.tokens + (now - self.counted) * self.rate)
-        self.counted = now
-        needed = min(items, self.round)
-        return 0.0 if self.tokens >= needed else (needed - self.tokens) / self.rate
-
-    def take(self, items: int) -> int:
-        """How many of `items` may go now, in whole changes (call delay() first); spent."""
-        granted = min(items, int(self.tokens // ITEMS_PER_CHANGE) * ITEMS_PER_CHANGE)
-        self.tokens -= granted
-        return granted
-
-
-class PushpinTarget:
-    """One Pushpin instance: what it still has to be sent, and whether publishing to it works."""
-
-    def __init__(self, url: str, message_rate: float) -> None:
-        self.publish_url = url.rstrip("/") + "/publish/"
-        self.unpublished: dict[str, int | str | None] = {}  # channel key -> latest value; None: deleted; or HINT
-        self.hints: dict[str, asyncio.TimerHandle] = {}  # channel key -> its hint to come
-        self.wakeup = asyncio.Event()
-        self.publishing = Outage(f"publishing to {self.publish_url}")
-        self.pacing = PublishPacing(message_rate)
-        self.sending: dict[str, int | str | None] = {}  # what the request in flight carries
-        self.sent: dict[str, int] = {}  # channel key -> the publish number last sent here (its prev-id)
-
-
-class GripPublisher:
-    """Publishes every change to every Pushpin, each with its id (see publish_id) and the id this
-    Pushpin was last sent for the channel as prev-id, so that Pushpin finds a listener that missed
-    one and fetches its next link."""
-
-    def __init__(self, urls: tuple[str, ...], message_rate: float = Settings.grip_message_rate) -> None:
-        self._targets = [PushpinTarget(url, message_rate) for url in urls]
-        # Publish ids are "<epoch>.<n>": n counts the publishes of this process, the epoch (its start,
-        # in ms) keeps a restarted process's ids from repeating old ones (Pushpin drops an id it saw
-        # within id_cache_ttl, and takes an old prev-id for current). Counted over every channel, an
-        # id is never used twice, so a channel's entries can be forgotten (see forget).
-        self._epoch = f"{int(time.time() * 1000):x}"
-        self._count = 0
-        self._numbers: dict[str, int] = {}  # channel key -> the number of its latest publish
-        self._handed: dict[str, int] = {}  # channel key -> the latest of them handed to a Pushpin
-        self._answered: dict[str, float] = {}  # channel key -> when a stream was last held on it
-        self.purger: CachePurger | None = None  # a cache in front: its purges go before each publish
-        self.published = 0  # for /metrics: publish requests Pushpin accepted
-        self.failures = 0
-
-    def publish_id(self, key: str, number: int | None = None) -> str:
-        """The id of a channel's publish `number`, or by default of the latest one handed to a Pushpin
-        (number 0 before any): a listener answered now is told it as its prev-id, whatever value it
-        is sent, since the next publish Pushpin gets names it as its prev-id (a newer value waiting
-        for its turn comes with that publish). Not a value queued but not handed yet: Pushpin would
-        find every publish of a paced backlog out of sequence, and ask for the next link each time."""
-        return f"{self._epoch}.{self._handed.get(key, 0) if number is None else number}"
-
-    @property
-    def error(self) -> str | None:
-        """Why publishing fails, for /healthz; None while it works."""
-        return errors_of(target.publishing for target in self._targets)
-
-    @property
-    def waiting(self) -> int:
-        """For /metrics: changed counters not yet published to the Pushpin furthest behind, the ones
-        in flight included (hints, which change nothing, left out)."""
-        return max(len({key for queue in (target.unpublished, target.sending) for key, value in queue.items()
-                        if value != HINT}) for target in self._targets)
-
-    def publish(self, key: str, value: int | None) -> None:
-        """Queue a channel's latest value (a counter's, or a watcher count; None: the counter was
-        deleted) for every Pushpin; never waits."""
-        self._count += 1
-        self._numbers[key] = self._count
-        for target in self._targets:
-            target.unpublished[key] = value
-            target.wakeup.set()
-            if value is None and (pending := target.hints.pop(key, None)) is not None:
-                pending.cancel()
-
-    async def run(self) -> None:
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=PUBLISH_TIMEOUT)) as session:
-            await asyncio.gather(*(self._publish_to(session, target) for target in self._targets))
-
-    async def _publish_to(self, session: aiohttp.ClientSession, target: PushpinTarget) -> None:
-        """One request in flight per Pushpin; what changes meanwhile goes in the next, latest only.
-        Paced to its message rate: the counters changed longest ago go first, each with its latest
-        value, so every change gets out, a hot counter no more often than the rest.
-        Whatever goes wrong with one Pushpin is its own outage: logged once, retried, and the other
-        Pushpins' loops go on (an exception escaping here would end them all with the session)."""
-        while True:
-            await target.wakeup.wait()
-            waiting = min(len(target.unpublished), PUBLISH_BATCH) * ITEMS_PER_CHANGE
-            delay = target.pacing.delay(waiting)
-            if delay > 0:
-                await asyncio.sleep(delay)  # wakeup stays set; what changes meanwhile still coalesces
-                continue
-            target.wakeup.clear()
-            if not waiting:
-                continue
-            changes = target.pacing.take(waiting) // ITEMS_PER_CHANGE
-            batch = dict(itertools.islice(target.unpublished.items(), changes))
-            for counter_id in batch:
-                del target.unpublished[counter_id]
-            target.sending = batch
-            # Each value's number: the latest queued. (Not for a deletion or a hint: neither has an id.)
-            numbers = {key: self._numbers[key] for key, value in batch.items() if type(value) is int}
-            for key, number in numbers.items():
-                self._handed[key] = max(self._handed.get(key, 0), number)
-            if self.purger is not None:
-                await self.purger.purged(batch, PURGE_BEFORE_PUBLISH)
-            try:
-                await send_publish(session, target.publish_url, self._items(target, numbers, batch))
-            except Exception as error:  # noqa: BLE001 - a misbehaving Pushpin must not stop publishing
-                for counter_id, value in batch.items():
-                    target.unpublished.setdefault(counter_id, value)  # unless superseded meanwhile
-                self.failures += 1
-                target.publishing.failed(failure_reason(error))
-                target.sending = {}
-                await asyncio.sleep(target.publishing.retry_delay)
-                target.wakeup.set()
-                continue
-            target.sending = {}
-            target.sent.update(numbers)
-            for key in numbers:
-                if key in target.hints or self._answered_lately(key):
-                    self._hint_later(target, key)
-            for key, value in batch.items():
-                if value is None:  # closed: forgotten once every Pushpin had it
-                    self.forget(key)
-            self.published += 1
-            target.publishing.succeeded()
-            if target.unpublished:
-                target.wakeup.set()
-
-    def answered(self, keys: Iterable[str]) -> None:
-        """Streams are held on these channels now: their next publishes are followed by a hint."""
-        now = time.monotonic()
-        if len(self._answered) > 10_000:  # forget what is past HINT_WINDOW: many ids under auto-create
-            self._answered = {key: when for key, when in self._answered.items() if now - when < HINT_WINDOW}
-        for key in keys:
-            self._answered[key] = now
-
-    def _answered_lately(self, key: str) -> bool:
-        return time.monotonic() - self._answered.get(key, -math.inf) < HINT_WINDOW
-
-    def forget(self, key: str) -> None:
-        """Forget a channel nobody listens to any more (a counter deleted, a watcher count back to 0):
-        its next publish, if any, names no prev-id a listener could have (number 0)."""
-        if any(key in target.unpublished for target in self._targets):
-            return  # still to be sent: forgotten another time
-        self._numbers.pop(key, None)
-        self._handed.pop(key, None)
-        self._answered.pop(key, None)
-        for target in self._targets:
-            target.sent.pop(key, None)
-            if (pending := target.hints.pop(key, None)) is not None:
-                pending.cancel()
-
-    def _hint_later(self, target: PushpinTarget, key: str) -> None:
-        """Hint the channel's streams on this Pushpin once its publishes paused for HINT_DELAY, if
-        a stream was held on it lately (within HINT_WINDOW).
-
-        Pushpin's ids leave one gap (1.36): a stream answered before a publish but subscribed after
-        it was delivered is checked against the last id Pushpin recorded for the channel, and every
-        mismatch clears that record, so a second such stream is not checked and keeps the old value
-        until the next publish. A hint has every stream of the channel ask its next link at once
-        (not through Pushpin's 10-a-second update limiter): the ones that missed a value get it,
-        the others an empty answer, shared by the streams whose last ids are the same."""
-        if (pending := target.hints.pop(key, None)) is not None:
-            pending.cancel()
-        target.hints[key] = asyncio.get_running_loop().call_later(HINT_DELAY, self._hint, target, key)
-
-    def _hint(self, target: PushpinTarget, key: str) -> None:
-        del target.hints[key]
-        target.unpublished.setdefault(key, HINT)  # a change waiting goes instead, and is hinted after
-        target.wakeup.set()
-
-    async def flushed(self, timeout: float) -> None:
-        """Wait until every change has been published to every Pushpin, for at most timeout seconds:
-        on a stop, so that the last changes still reach the streams the Pushpins keep holding."""
-        # A Pushpin that fails is not waited for: it is retried after its delay, not before the end.
-        await waited(lambda: not any((target.unpublished or target.sending) and target.publishing.error is None
-                                     for target in self._targets), timeout, 0.02)
-        if waiting := self.waiting:
-            log.warning("stopping with the latest value%s of %d counter%s not published to every Pushpin",
-                        "s" * (waiting != 1), waiting, "s" * (waiting != 1))
-
-    def _items(self, target: PushpinTarget, numbers: dict[str, int],
-               batch: dict[str, int | str | None]) -> list[dict[str, object]]:
-        """The batch's publish items for this Pushpin, each with its publish id, and as prev-id the id
-        this Pushpin was last sent for the channel (number 0, the first time in this process: what
-        the listeners answered before were told). Pushpin finds a listener whose prev-id differs and
-        has it ask its next link, at most 10 links a second per Pushpin (its update limiter), so the
-        ids must match in the common case: publish_id says why listeners are told the handed one.
-        After a restart, Pushpin holds a channel's first publish back until message_wait (5 s) since
-        it follows none of the ids it saw (the previous process's), and the listeners from before
-        the restart ask their next link."""
-        items = []
-        for key, item in publish_items(batch):
-            if key in numbers:  # a close or a hint goes to every stream, whatever it missed
-                item["id"] = self.publish_id(key, numbers[key])
-                item["prev-id"] = self.publish_id(key, target.sent.get(key, 0))
-            items.append(item)
-        return items
-
-
-async def send_publish(session: aiohttp.ClientSession, url: str, items: list[dict[str, object]]) -> None:
-    """One publish request; ClientError with Pushpin's status and answer (any bytes) unless it is 200."""
-    async with session.post(url, json={"items": items}) as response:
-        if response.status != 200:
-            answer = (await response.read()).decode("utf-8", "replace").strip()[:200]
-            raise aiohttp.ClientError(f"{response.status} {answer}")
-
-
-def failure_reason(error: Exception) -> str:
-    """One line for the log and /healthz; a timeout's message is empty, an unexpected error names its type."""
-    if isinstance(error, (aiohttp.ClientError, asyncio.TimeoutError)):  # 3.10: not the builtin TimeoutError
-        return str(error) or type(error).__name__
-    return f"{type(error).__name__}: {error}"
-
-
-def publish_items(batch: dict[str, int | str | None]) -> list[tuple[str, dict[str, object]]]:
-    """GRIP publish items, by channel key: each change (of a counter's value or watcher count) on both
-    of its Pushpin channels; a deletion closes them; a HINT has their streams ask their next link."""
-    items = []
-    for key, value in batch.items():
-        for multi in (False, True):
-            if value is None:
-                content: dict[str, object] = {"action": "close"}
-            elif value == HINT:
-                content = {"action": "hint"}
-            else:
-                event = channel_frames(key, value)[COUNTER_STYLE if multi else MESSAGE_STYLE]
-                content = {"content": event.decode()}
-            items.append((key, {"channel": grip_channel(key, multi), "formats": {"http-stream": content}}))
-    return items
-
-
-def raw_bytes(text: str) -> bytes:
-    """The bytes a header or environment variable held: where they weren't UTF-8, aiohttp and
-    os.environ hold surrogates that plain .encode() refuses."""
-    return text.encode("utf-8", "surrogateescape")
-
-
-def grip_sig_valid(signature: str, key: str | None) -> bool:
-    """Whether a Grip-Sig came from Pushpin: a JWT signed with the shared key (HS256), not expired.
-
-    Without a key, any Grip-Sig is taken (fine while only Pushpin can reach livecounter)."""
-    if key is None:
-        return True
-    try:
-        jwt.decode(raw_bytes(signature), raw_bytes(key), algorithms=["HS256"], options={"require": ["exp"]})
-    except jwt.InvalidTokenError:
-        return False
-    return True
-
-
-# --------------------------------------------------------------------------------------------------
 # Presence: how many are watching each counter
 # --------------------------------------------------------------------------------------------------
 #
 # A counter's watchers are the open streams that carry its values: the hub's listeners of its
-# channel (single-counter streams and multi-counter streams naming it), plus, with --grip-stats,
-# the subscribers Pushpin reports on its channels. Streams of a watcher count don't count: watching
-# the count is not watching the counter. Streams, not people: every tab counts.
+# channel (single-counter streams and multi-counter streams naming it, from the moment they are
+# admitted), plus, with --grip-stats, the subscribers Pushpin reports on its channels. Streams of a
+# watcher count don't count: watching the count is not watching the counter. Streams, not people:
+# every tab counts.
 #
 # A count changes with every arrival and departure: a reconnect storm of 10,000 streams would be
-# 10,000 new counts for every watcher of the count. So a counter's count goes out at most once per
-# WATCHERS_INTERVAL, the latest when it goes, and never on a POST's path (arrivals and departures
-# only schedule it).
+# 10,000 new counts for every watcher of the count. So a count goes out through the change feed at
+# the pace of every fan-out (see Pace), each taken to cost WATCHERS_COST: at once while arrivals and
+# departures are rare, while they come faster at most every REST × WATCHERS_COST (half a second),
+# the latest count when it goes; never on a POST's path (arrivals and departures only schedule it).
 
-WATCHERS_INTERVAL = 0.5  # seconds: a counter's watcher count goes out at most twice a second
+WATCHERS_COST = 0.1  # seconds a count's fan-out is taken to cost: a hot count goes out twice a second
 
 
 class Presence:
-    """Every counter's watcher count, and sending it to the watchers of counts, here and on Pushpin."""
+    """Every counter's watcher count, sent through the feed when it changes."""
 
-    def __init__(self, hub: ListenerHub, purger: CachePurger | None, grip: GripPublisher | None,
-                 exists: Callable[[str], bool]) -> None:
+    def __init__(self, hub: ListenerHub, feed: ChangeFeed, exists: Callable[[str], bool]) -> None:
         self._hub = hub
-        self._purger = purger
-        self._grip = grip
+        self._feed = feed
         self._exists = exists  # whether a counter exists (for its listeners): a deleted one has no count
         # counter -> {(Pushpin instance, channel): (subscribers, when the report expires)}
         self._proxied: dict[str, dict[tuple[str, str], tuple[int, float]]] = {}
-        self._sent: dict[str, tuple[int, float]] = {}  # counter -> the count last sent, and when
-        self._pending: dict[str, asyncio.TimerHandle] = {}  # counter -> its next send
+        self._sent: dict[str, int] = {}  # counter -> the count last sent, if not 0
+        self._pending: dict[str, asyncio.Handle] = {}  # counter -> its next send
+        self._paces = Paces(WATCHERS_COST)
+        self.stats_reading = Outage("reading Pushpin's stats")
         hub.watchers_changed = self.changed
 
     def count(self, counter_id: str) -> int:
@@ -1439,44 +1506,50 @@ class Presence:
         return sum(subscribers for subscribers, _ in reports.values()) if reports else 0
 
     def changed(self, counter_id: str) -> None:
-        """A stream of the counter came or went: send its count, at once if it rested long enough."""
+        """A stream of the counter came or went: send its count at its pace."""
         if counter_id in self._pending:
             return  # the send that is scheduled takes the count as it is then
-        _, sent_at = self._sent.get(counter_id, (0, -math.inf))
-        delay = max(0.0, sent_at + WATCHERS_INTERVAL - time.monotonic())
-        self._pending[counter_id] = asyncio.get_running_loop().call_later(delay, self._send, counter_id)
+        loop = asyncio.get_running_loop()
+        if rest := self._paces.wait(counter_id, time.monotonic()):
+            self._pending[counter_id] = loop.call_later(rest, self._send, counter_id)
+        else:
+            self._pending[counter_id] = loop.call_soon(self._send, counter_id)
 
     def _send(self, counter_id: str) -> None:
         del self._pending[counter_id]
-        if not self._exists(counter_id):  # deleted: its count starts from 0 if it is made again
-            self._sent.pop(counter_id, None)
-            if self._grip is not None:
-                self._grip.forget(watchers_key(counter_id))
+        if not self._exists(counter_id):  # deleted meanwhile: heard() forgot it
             return
         count = self.count(counter_id)
-        if count == self._sent.get(counter_id, (0, 0))[0]:
+        if count == self._sent.get(counter_id, 0):
             return
-        self._sent[counter_id] = (count, time.monotonic())
-        if count == 0:  # forgotten once it rested: a counter nobody watches takes no memory
-            asyncio.get_running_loop().call_later(WATCHERS_INTERVAL, self._forget, counter_id)
-        self._hub.publish(watchers_key(counter_id), count)
-        if self._purger is not None:
-            self._purger.purge(watchers_key(counter_id))
-        if self._grip is not None:
-            self._grip.publish(watchers_key(counter_id), count)
-
-    def _forget(self, counter_id: str) -> None:
-        if self._sent.get(counter_id, (None,))[0] == 0 and counter_id not in self._pending:
+        if count:
+            self._sent[counter_id] = count
+        else:  # a counter nobody watches takes no memory
             del self._sent[counter_id]
-            if self._grip is not None:
-                self._grip.forget(watchers_key(counter_id))
+        self._paces.went(counter_id, WATCHERS_COST, time.monotonic())
+        self._feed.changed(Key(counter_id, True), count)
+
+    def heard(self, key: Key, value: int | None) -> None:
+        """The feed's receiver: a deleted counter's count is forgotten (made again, it counts from 0)."""
+        if value is None and not key.watchers:
+            if (pending := self._pending.pop(key.counter_id, None)) is not None:
+                pending.cancel()
+            self._sent.pop(key.counter_id, None)
+            self._proxied.pop(key.counter_id, None)
+            self._paces.forget(key.counter_id)
+
+    @property
+    def tracked(self) -> int:
+        """For /metrics and tests: counters whose count this holds state for."""
+        return len(self._sent.keys() | self._pending.keys() | self._proxied.keys())
 
     def reported(self, report: dict[str, Any]) -> None:
         """A `sub` report from Pushpin's stats: one channel's subscribers on one Pushpin instance.
         ValueError for a report that makes no sense (a count below 0, a ttl that isn't one)."""
-        counter_id = counted_channel(str(report["channel"]))
-        if counter_id is None:
+        named = Key.of_grip_channel(str(report["channel"]))
+        if named is None or named[0].watchers:
             return  # a watcher count's channel: its subscribers watch the count, not the counter
+        counter_id = named[0].counter_id
         source = (str(report["from"]), str(report["channel"]))
         unavailable = bool(report.get("unavailable"))  # the last subscriber on that instance left
         if not unavailable:
@@ -1502,12 +1575,6 @@ class Presence:
                     self.changed(counter_id)
             if not reports:
                 del self._proxied[counter_id]
-
-
-def counted_channel(channel: str) -> str | None:
-    """The counter whose values a GRIP channel carries; None for any other channel."""
-    named = key_of_grip_channel(channel)
-    return named[0] if named is not None and watched_counter(named[0]) is None else None
 
 
 # Pushpin's stats socket (its stats_spec: a ZeroMQ PUB socket) reports each channel's subscribers per
@@ -1541,6 +1608,7 @@ async def read_pushpin_stats(endpoints: tuple[str, ...], presence: Presence) -> 
                         log.warning("a Pushpin stats message this can't read (%s): %.200r", error, message)
                     unreadable = True
             presence.expire()
+            presence.stats_reading.succeeded()
     finally:
         sock.close(linger=0)
         context.term()
@@ -1586,6 +1654,505 @@ def tnetstring(data: bytes) -> tuple[Any, bytes]:
 
 
 # --------------------------------------------------------------------------------------------------
+# Caches in front: purged on every change
+# --------------------------------------------------------------------------------------------------
+#
+# With --purge-url, reads of counters that exist (plain, JSON, and the answers Pushpin holds streams
+# with) may be kept by a cache in front for --cache-seconds (Varnish: deploy/varnish/livecounter.vcl),
+# and every change purges what the cache holds of its channel: PURGE /counters/<id>/ (its every Vary
+# variant) for a value, /counters/<id>/watchers/ for a watcher count, both for a deletion. Nothing
+# else is cacheable: errors (a 404 that a creation would have to purge), badges, reads of ids that
+# --auto-create would make, so only counters that exist need purging, and the paths waiting for a
+# cache that is down are at most two per counter. As with publishing: one request in flight per
+# cache, the oldest path first, never on a POST's path; a cache that fails is its own outage, logged
+# once and retried. Each publish to Pushpin waits (briefly) for its counters' purges, as the
+# original Live Counter did: a viewer who arrives after a change gets it from the origin, not the
+# old answer.
+
+PURGE_TIMEOUT = 2.0  # seconds for one PURGE
+PURGE_BEFORE_PUBLISH = 0.5  # seconds a publish waits at most for its counters' purges
+# Varnish's PURGE (and a ban) passes over an answer it is still fetching: a read answered just
+# before a change and stored just after its purge stays cached until the next change. So every path
+# is purged once more, this long after its last purge: longer than any answer takes to arrive.
+SECOND_PURGE_DELAY = 1.0
+
+
+class CacheTarget:
+    """One cache: the paths it still has to purge, and whether purging it works."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url.rstrip("/") + "/"
+        self.unpurged: dict[str, bool] = {}  # paths, the oldest first -> whether it is a second purge
+        self.second_purges: dict[str, asyncio.TimerHandle] = {}  # path -> its second purge to come
+        self.purging_now: str | None = None  # the path of the request in flight
+        self.wakeup = asyncio.Event()
+        self.purging = Outage(f"purging {self.url}")
+
+
+class CachePurger:
+    def __init__(self, urls: tuple[str, ...], exists: Callable[[str], bool]) -> None:
+        self._targets = [CacheTarget(url) for url in urls]
+        self._exists = exists  # whether a counter exists: only then can a cache hold its reads
+        self.purges = 0  # for /metrics
+        self.failures = 0
+
+    @property
+    def outages(self) -> list[Outage]:
+        return [target.purging for target in self._targets]
+
+    @property
+    def unpurged(self) -> int:
+        """For /metrics: paths waiting to be purged from the cache furthest behind."""
+        return max(len(target.unpurged) + bool(target.purging_now) for target in self._targets)
+
+    def changed(self, key: Key, value: int | None) -> None:
+        """The feed's receiver: every cache drops what it holds of the channel."""
+        if value is not None and not self._exists(key.counter_id):
+            return  # a watcher count of an id --auto-create would make: never cached
+        path = key.purge_path
+        for target in self._targets:
+            target.unpurged[path] = False
+            target.wakeup.set()
+
+    async def purged(self, keys: Iterable[Key], timeout: float) -> None:
+        """Wait until every cache that works has purged these channels, for at most timeout seconds."""
+        paths = {key.purge_path for key in keys}
+        await waited(lambda: not any(target.purging.error is None and (target.purging_now in paths or any(
+                     not target.unpurged.get(path, True) for path in paths)) for target in self._targets),
+                     timeout, 0.002)
+
+    async def flushed(self, timeout: float) -> None:
+        """On a stop: wait until every cache has purged everything, for at most timeout seconds."""
+        # A cache that fails is not waited for: it is retried after its delay, not before the end.
+        await waited(lambda: not any((target.unpurged or target.purging_now) and target.purging.error is None
+                                     for target in self._targets), timeout, 0.02)
+        if unpurged := self.unpurged:
+            log.warning("stopping with %d read%s not purged from every cache: stale there for up to "
+                        "--cache-seconds", unpurged, "s" * (unpurged != 1))
+
+    async def run(self) -> None:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=PURGE_TIMEOUT)) as session:
+            await asyncio.gather(*(forever(target.purging, functools.partial(self._purge_all, session, target))
+                                   for target in self._targets))
+
+    async def _purge_all(self, session: aiohttp.ClientSession, target: CacheTarget) -> None:
+        """Purge whatever waits, the oldest first; a failure leaves the path waiting and pauses."""
+        await target.wakeup.wait()
+        target.wakeup.clear()
+        while target.unpurged:
+            path = target.purging_now = next(iter(target.unpurged))
+            second = target.unpurged.pop(path)
+            try:
+                async with session.request("PURGE", target.url + path) as response:
+                    if response.status >= 300:
+                        answer = (await response.read()).decode("utf-8", "replace").strip()[:200]
+                        raise aiohttp.ClientError(f"{response.status} {answer}")
+            except Exception as error:  # noqa: BLE001 - whatever goes wrong with one cache is its own outage
+                target.purging_now = None
+                target.unpurged.setdefault(path, second)
+                self.failures += 1
+                target.purging.failed(failure_reason(error), unexpected=unexpected(error))
+                await asyncio.sleep(target.purging.retry_delay)
+                continue
+            target.purging_now = None
+            self.purges += 1
+            target.purging.succeeded()
+            if not second:
+                self._purge_again_later(target, path)
+
+    def _purge_again_later(self, target: CacheTarget, path: str) -> None:
+        """Purge the path once more when SECOND_PURGE_DELAY passed since its last purge (see there)."""
+        if (pending := target.second_purges.pop(path, None)) is not None:
+            pending.cancel()
+        target.second_purges[path] = asyncio.get_running_loop().call_later(
+            SECOND_PURGE_DELAY, self._purge_again, target, path)
+
+    def _purge_again(self, target: CacheTarget, path: str) -> None:
+        del target.second_purges[path]
+        target.unpurged.setdefault(path, True)
+        target.wakeup.set()
+
+
+# --------------------------------------------------------------------------------------------------
+# GRIP publishing: Pushpin holds the connections, livecounter publishes the changes
+# --------------------------------------------------------------------------------------------------
+#
+# A stream requested through Pushpin (it signs the request with Grip-Sig) is answered with its
+# first frames and Grip-Hold instructions; Pushpin keeps the connection and subscribes it to the
+# channels. Every change is then published to each Pushpin over its HTTP publish API, at the pace
+# of every fan-out (see Pace: a calm counter's change at once, a hot one's after a rest, so that
+# Pushpin, which delivers each publish to every subscriber, is not flooded by one counter), paced
+# again per Pushpin to its message rate, and with GRIP ids so that Pushpin finds a stream that
+# missed one (docs/pushpin.md).
+#
+# What the publisher keeps of a channel goes once nothing about it waits: at once for a channel no
+# stream here was held on (a watcher count of an anonymous id, say), FORGET_HELD after the last held
+# stream's last refresh otherwise (each held stream asks its next link every --grip-link-timeout, and
+# Pushpin keeps a channel's last id while it lingers), and once its close went out for a deletion.
+
+PUBLISH_BATCH = 500  # channels per publish request; a long outage may leave many to catch up
+PUBLISH_TIMEOUT = 5.0  # seconds; a slow Pushpin delays only its own next publish
+PUBLISH_COST = 0.03  # seconds a channel's publish is taken to cost: a hot one goes out about 6 times a second
+HINT_DELAY = 0.25  # seconds after a channel's last publish to a Pushpin, its hint (see _hint_later)
+HINT_WINDOW = 2.0  # seconds: a publish is hinted if a stream was held on its channel this lately
+HINT = "hint"  # in a Pushpin's queue in place of a value: the channel's streams are to ask their next link
+STOP_PUBLISH_TIMEOUT = 2.0  # seconds a stop waits for the last publishes (streams on Pushpin outlive it)
+ITEMS_PER_CHANGE = 2  # a change goes to both of its channel's Pushpin channels (publish_items)
+PACING_ROUND = 0.1  # seconds of --grip-message-rate a paced round waits for when many changes wait
+SUBSCRIPTION_LINGER = 60  # seconds Pushpin keeps a channel's last id after its last subscriber (the shipped config)
+FORGET_CHECK = 1.0  # seconds between looks for channels to forget
+
+
+class PublishPacing:
+    """A token bucket of publish items for one Pushpin: `rate` a second, a second's worth at most.
+
+    Pushpin's handler (1.36, handler/engine.cpp and ratelimiter.cpp) queues one delivery per item
+    and subscribed connection, sends them at its message_rate a second, and drops any past
+    message_hwm queued ("exceeded publish hwm"), answering the publish 200 all the same. Paced here,
+    the backlog waits in `unpublished` instead, where a newer value replaces an older one."""
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+        self.capacity = max(float(rate), ITEMS_PER_CHANGE)
+        # A round goes when the bucket holds all that waits, or this much when more waits: a backlog
+        # goes out in ~1 / PACING_ROUND requests a second, not one request per change.
+        self.round = min(self.capacity, max(rate * PACING_ROUND, ITEMS_PER_CHANGE))
+        self.tokens = self.capacity
+        self.counted = time.monotonic()
+
+    def delay(self, items: int) -> float:
+        """Seconds before a round for `items` waiting items may go; 0: now."""
+        now = time.monotonic()
+        self.tokens = min(self.capacity, self.tokens + (now - self.counted) * self.rate)
+        self.counted = now
+        needed = min(items, self.round)
+        return 0.0 if self.tokens >= needed else (needed - self.tokens) / self.rate
+
+    def take(self, items: int) -> int:
+        """How many of `items` may go now, in whole changes (call delay() first); spent."""
+        granted = min(items, int(self.tokens // ITEMS_PER_CHANGE) * ITEMS_PER_CHANGE)
+        self.tokens -= granted
+        return granted
+
+
+class PushpinTarget:
+    """One Pushpin instance: what it still has to be sent, and whether publishing to it works."""
+
+    def __init__(self, url: str, message_rate: float) -> None:
+        self.publish_url = url.rstrip("/") + "/publish/"
+        self.unpublished: dict[Key, int | str | None] = {}  # channel -> latest value; None: deleted; or HINT
+        self.in_flight: dict[Key, int | str | None] = {}  # what the request in flight carries
+        self.hints: dict[Key, asyncio.TimerHandle] = {}  # channel -> its hint to come
+        self.sent: dict[Key, int] = {}  # channel -> the publish number last sent here (its prev-id)
+        self.wakeup = asyncio.Event()
+        self.publishing = Outage(f"publishing to {self.publish_url}")
+        self.pacing = PublishPacing(message_rate)
+
+
+RESTING_NOTHING = object()  # a GripChannel's `resting` when no value waits for its rest to end
+
+
+class GripChannel:
+    """What the publisher keeps of one channel while it matters."""
+
+    __slots__ = ("number", "handed", "answered", "resting", "rest", "closed")
+
+    def __init__(self) -> None:
+        self.number = 0  # of its latest publish
+        self.handed = 0  # the latest of those numbers handed to a Pushpin
+        self.answered = -math.inf  # monotonic time a stream was last held on it
+        self.resting: int | object = RESTING_NOTHING  # its latest value, while it rests (hot)
+        self.rest: asyncio.TimerHandle | None = None  # the end of its rest
+        self.closed = False  # its counter was deleted
+
+
+class GripPublisher:
+    """Publishes every change to every Pushpin, each with its id (see publish_id) and the id this
+    Pushpin was last sent for the channel as prev-id, so that Pushpin finds a listener that missed
+    one and fetches its next link."""
+
+    def __init__(self, urls: tuple[str, ...], message_rate: float, *, link_timeout: float,
+                 exists: Callable[[str], bool], purger: CachePurger | None = None) -> None:
+        self._targets = [PushpinTarget(url, message_rate) for url in urls]
+        # Publish ids are "<epoch>.<n>": n counts the publishes of this process, the epoch (its start,
+        # in ms) keeps a restarted process's ids from repeating old ones (Pushpin drops an id it saw
+        # within id_cache_ttl, and takes an old prev-id for current). Counted over every channel, an
+        # id is never used twice, so a channel's entries can be forgotten.
+        self._epoch = f"{int(time.time() * 1000):x}"
+        self._count = 0
+        self._channels: dict[Key, GripChannel] = {}
+        self._held: collections.OrderedDict[Key, float] = collections.OrderedDict()  # by when last held
+        self._paces = Paces(PUBLISH_COST)
+        self._exists = exists  # whether a counter exists: a count of an anonymous id may go unpublished
+        self._purger = purger  # a cache in front: its purges go before each publish
+        self._forget_held = link_timeout + SUBSCRIPTION_LINGER + 10
+        self.forgetting = Outage("forgetting idle GRIP channels")
+        self.published = 0  # for /metrics: publish requests Pushpin accepted
+        self.failures = 0
+
+    def publish_id(self, key: Key, number: int | None = None) -> str:
+        """The id of a channel's publish `number`, or by default of the latest one handed to a Pushpin
+        (number 0 before any): a listener answered now is told it as its prev-id, whatever value it
+        is sent, since the next publish Pushpin gets names it as its prev-id (a newer value waiting
+        for its turn comes with that publish). Not a value queued but not handed yet: Pushpin would
+        find every publish of a paced backlog out of sequence, and ask for the next link each time."""
+        if number is None:
+            channel = self._channels.get(key)
+            number = channel.handed if channel is not None else 0
+        return f"{self._epoch}.{number}"
+
+    @property
+    def outages(self) -> list[Outage]:
+        return [target.publishing for target in self._targets] + [self.forgetting]
+
+    @property
+    def waiting(self) -> int:
+        """For /metrics: changed counters not yet published to the Pushpin furthest behind, the ones
+        resting and in flight included (hints, which change nothing, left out)."""
+        resting = sum(channel.rest is not None for channel in self._channels.values())
+        return resting + max(len({key for queue in (target.unpublished, target.in_flight)
+                                  for key, value in queue.items() if value != HINT}) for target in self._targets)
+
+    @property
+    def tracked(self) -> int:
+        """For /metrics and tests: channels the publisher keeps anything of."""
+        return len(self._channels.keys() | {key for target in self._targets for key in target.sent})
+
+    def changed(self, key: Key, value: int | None) -> None:
+        """The feed's receiver: publish a channel's latest value (None: the counter was deleted) to
+        every Pushpin, at the channel's pace; never waits."""
+        channel = self._channels.get(key)
+        if channel is None:
+            if value is not None and key.watchers and not self._exists(key.counter_id):
+                return  # the count of an id --auto-create would make, on which no stream here was held
+            channel = self._channels[key] = GripChannel()
+        if value is None:  # a deletion goes at once: its streams end
+            channel.closed = True
+            if channel.rest is not None:
+                channel.rest.cancel()
+                channel.rest, channel.resting = None, RESTING_NOTHING
+            self._queue(key, channel, None)
+            return
+        channel.closed = False
+        if channel.rest is not None:
+            channel.resting = value  # goes when its rest ends, the latest by then
+            return
+        if rest := self._paces.wait(key, time.monotonic()):
+            channel.resting = value
+            channel.rest = asyncio.get_running_loop().call_later(rest, self._rested, key)
+            return
+        self._queue(key, channel, value)
+
+    def _rested(self, key: Key) -> None:
+        channel = self._channels[key]
+        channel.rest = None
+        value, channel.resting = channel.resting, RESTING_NOTHING
+        self._queue(key, channel, value)
+
+    def _queue(self, key: Key, channel: GripChannel, value: int | None) -> None:
+        self._count += 1
+        channel.number = self._count
+        if value is not None:
+            self._paces.went(key, PUBLISH_COST, time.monotonic())
+        for target in self._targets:
+            target.unpublished[key] = value
+            target.wakeup.set()
+            if value is None and (pending := target.hints.pop(key, None)) is not None:
+                pending.cancel()
+
+    async def run(self) -> None:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=PUBLISH_TIMEOUT)) as session:
+            await asyncio.gather(forever(self.forgetting, self._forget_now_and_then), *(
+                forever(target.publishing, functools.partial(self._publish_round, session, target))
+                for target in self._targets))
+
+    async def _publish_round(self, session: aiohttp.ClientSession, target: PushpinTarget) -> None:
+        """One request in flight per Pushpin; what changes meanwhile goes in the next, latest only.
+        Paced to its message rate: the counters changed longest ago go first, each with its latest
+        value, so every change gets out, a hot counter no more often than the rest. A Pushpin that
+        fails is its own outage: logged once, retried, and the other Pushpins go on."""
+        await target.wakeup.wait()
+        waiting = min(len(target.unpublished), PUBLISH_BATCH) * ITEMS_PER_CHANGE
+        if delay := target.pacing.delay(waiting):
+            await asyncio.sleep(delay)  # wakeup stays set; what changes meanwhile still coalesces
+            return
+        target.wakeup.clear()
+        if not waiting:
+            return
+        changes = target.pacing.take(waiting) // ITEMS_PER_CHANGE
+        batch = target.in_flight = dict(itertools.islice(target.unpublished.items(), changes))
+        for key in batch:
+            del target.unpublished[key]
+        # Each value's number: its channel's latest. (Not for a deletion or a hint: neither has an id.)
+        numbers = {}
+        for key, value in batch.items():
+            if type(value) is int and (channel := self._channels.get(key)) is not None:
+                numbers[key] = channel.number
+                channel.handed = max(channel.handed, channel.number)
+        try:
+            items = self._items(target, numbers, batch)
+            if self._purger is not None:
+                await self._purger.purged(batch, PURGE_BEFORE_PUBLISH)
+            await send_publish(session, target.publish_url, items)
+        except Exception as error:  # noqa: BLE001 - whatever goes wrong with one Pushpin is its own outage
+            for key, value in batch.items():
+                target.unpublished.setdefault(key, value)  # unless superseded meanwhile
+            self.failures += 1
+            target.publishing.failed(failure_reason(error), unexpected=unexpected(error))
+            await asyncio.sleep(target.publishing.retry_delay)
+            target.wakeup.set()
+            return
+        finally:
+            target.in_flight = {}
+        target.sent.update(numbers)
+        self.published += 1
+        target.publishing.succeeded()
+        now = time.monotonic()
+        for key in numbers:
+            channel = self._channels.get(key)
+            if key in target.hints or (channel is not None and now - channel.answered < HINT_WINDOW):
+                self._hint_later(target, key)
+        for key in batch:
+            self._forget_if_done(key)
+        if target.unpublished:
+            target.wakeup.set()
+
+    def answered(self, keys: Iterable[Key]) -> None:
+        """Streams are held on these channels now: their next publishes are followed by a hint, and
+        the publisher keeps their ids while they may be held."""
+        now = time.monotonic()
+        for key in keys:
+            channel = self._channels.get(key)
+            if channel is None:
+                channel = self._channels[key] = GripChannel()
+            channel.answered = now
+            self._held.pop(key, None)
+            self._held[key] = now  # the latest last
+
+    async def _forget_now_and_then(self) -> None:
+        """Forget the channels whose streams were last held or refreshed FORGET_HELD ago."""
+        await asyncio.sleep(FORGET_CHECK)
+        now = time.monotonic()
+        while self._held and next(iter(self._held.values())) < now - self._forget_held:
+            key, _ = self._held.popitem(last=False)
+            self._forget_if_done(key)
+        self.forgetting.succeeded()
+
+    def _forget_if_done(self, key: Key) -> None:
+        """Forget a channel once nothing about it waits (see above): its next publish, if any, names
+        no prev-id a stream could have (number 0)."""
+        channel = self._channels.get(key)
+        if channel is not None:
+            if channel.rest is not None:
+                return
+            if not channel.closed and time.monotonic() - channel.answered < self._forget_held:
+                return
+        if any(key in target.unpublished or key in target.in_flight or key in target.hints
+               for target in self._targets):
+            return  # forgotten once that goes out
+        self._channels.pop(key, None)
+        self._held.pop(key, None)
+        self._paces.forget(key)
+        for target in self._targets:
+            target.sent.pop(key, None)
+
+    def _hint_later(self, target: PushpinTarget, key: Key) -> None:
+        """Hint the channel's streams on this Pushpin once its publishes paused for HINT_DELAY, if
+        a stream was held on it lately (within HINT_WINDOW).
+
+        Pushpin's ids leave one gap (1.36): a stream answered before a publish but subscribed after
+        it was delivered is checked against the last id Pushpin recorded for the channel, and every
+        mismatch clears that record, so a second such stream is not checked and keeps the old value
+        until the next publish. A hint has every stream of the channel ask its next link at once
+        (not through Pushpin's 10-a-second update limiter): the ones that missed a value get it,
+        the others an empty answer, shared by the streams whose last ids are the same."""
+        if (pending := target.hints.pop(key, None)) is not None:
+            pending.cancel()
+        target.hints[key] = asyncio.get_running_loop().call_later(HINT_DELAY, self._hint, target, key)
+
+    def _hint(self, target: PushpinTarget, key: Key) -> None:
+        del target.hints[key]
+        target.unpublished.setdefault(key, HINT)  # a change waiting goes instead, and is hinted after
+        target.wakeup.set()
+
+    async def flushed(self, timeout: float) -> None:
+        """Publish what rests at once, then wait until every change has been published to every
+        Pushpin, for at most timeout seconds: on a stop, so that the last changes still reach the
+        streams the Pushpins keep holding."""
+        for key, channel in list(self._channels.items()):
+            if channel.rest is not None:
+                channel.rest.cancel()
+                self._rested(key)
+        # A Pushpin that fails is not waited for: it is retried after its delay, not before the end.
+        await waited(lambda: not any((target.unpublished or target.in_flight) and target.publishing.error is None
+                                     for target in self._targets), timeout, 0.02)
+        if waiting := self.waiting:
+            log.warning("stopping with the latest value%s of %d counter%s not published to every Pushpin",
+                        "s" * (waiting != 1), waiting, "s" * (waiting != 1))
+
+    def _items(self, target: PushpinTarget, numbers: dict[Key, int],
+               batch: dict[Key, int | str | None]) -> list[dict[str, object]]:
+        """The batch's publish items for this Pushpin, each with its publish id, and as prev-id the id
+        this Pushpin was last sent for the channel (number 0, the first time in this process: what
+        the listeners answered before were told). Pushpin finds a listener whose prev-id differs and
+        has it ask its next link, at most 10 links a second per Pushpin (its update limiter), so the
+        ids must match in the common case: publish_id says why listeners are told the handed one.
+        After a restart, Pushpin holds a channel's first publish back until message_wait (5 s) since
+        it follows none of the ids it saw (the previous process's), and the listeners from before
+        the restart ask their next link."""
+        items = []
+        for key, item in publish_items(batch):
+            if key in numbers:  # a close or a hint goes to every stream, whatever it missed
+                item["id"] = self.publish_id(key, numbers[key])
+                item["prev-id"] = self.publish_id(key, target.sent.get(key, 0))
+            items.append(item)
+        return items
+
+
+async def send_publish(session: aiohttp.ClientSession, url: str, items: list[dict[str, object]]) -> None:
+    """One publish request; ClientError with Pushpin's status and answer (any bytes) unless it is 200."""
+    async with session.post(url, json={"items": items}) as response:
+        if response.status != 200:
+            answer = (await response.read()).decode("utf-8", "replace").strip()[:200]
+            raise aiohttp.ClientError(f"{response.status} {answer}")
+
+
+def publish_items(batch: dict[Key, int | str | None]) -> list[tuple[Key, dict[str, object]]]:
+    """GRIP publish items, by channel: each change (of a counter's value or watcher count) on both of
+    its Pushpin channels; a deletion closes them; a HINT has their streams ask their next link."""
+    items = []
+    for key, value in batch.items():
+        for multi in (False, True):
+            if value is None:
+                content: dict[str, object] = {"action": "close"}
+            elif value == HINT:
+                content = {"action": "hint"}
+            else:
+                content = {"content": key.frames(value)[NAMED_STYLE if multi else MESSAGE_STYLE].decode()}
+            items.append((key, {"channel": key.grip_channel(multi), "formats": {"http-stream": content}}))
+    return items
+
+
+def raw_bytes(text: str) -> bytes:
+    """The bytes a header or environment variable held: where they weren't UTF-8, aiohttp and
+    os.environ hold surrogates that plain .encode() refuses."""
+    return text.encode("utf-8", "surrogateescape")
+
+
+def grip_sig_valid(signature: str, key: str | None) -> bool:
+    """Whether a Grip-Sig came from Pushpin: a JWT signed with the shared key (HS256), not expired.
+
+    Without a key, any Grip-Sig is taken (fine while only Pushpin can reach livecounter)."""
+    if key is None:
+        return True
+    try:
+        jwt.decode(raw_bytes(signature), raw_bytes(key), algorithms=["HS256"], options={"require": ["exp"]})
+    except jwt.InvalidTokenError:
+        return False
+    return True
+
+
+# --------------------------------------------------------------------------------------------------
 # Requests and answers
 # --------------------------------------------------------------------------------------------------
 
@@ -1628,6 +2195,7 @@ class RateLimiter:
 
 SETTINGS = web.AppKey("settings", Settings)
 STORE = web.AppKey("store", CounterStore)
+JOURNAL = web.AppKey("journal", Journal)
 HUB = web.AppKey("hub", ListenerHub)
 GRIP = web.AppKey("grip", GripPublisher | None)  # None without --grip-url
 POST_RATE = web.AppKey("post_rate", RateLimiter | None)  # None without --post-rate
@@ -1712,18 +2280,22 @@ CHANGED_VALUE_HEADERS = {"Content-Type": "text/plain; charset=utf-8"}
 
 
 def value_response(request: web.Request, counter_id: str, field: str, value: int, media_type: str) -> web.Response:
-    """A read of a counter's value or watcher count (field): `27\n`, or {"id": "2", field: 27}."""
-    caching = request.app[CACHING]
+    """A read of a counter's value or watcher count (field): `27\n`, or {"id": "2", field: 27}. A
+    cache may keep it only if the counter exists (one --auto-create would make is never purged)."""
+    caching = request.app[CACHING] if counter_id in request.app[STORE] else NOT_CACHED
     if media_type == "application/json":
         return web.json_response({"id": counter_id, field: value}, headers=caching)
     return web.Response(body=b"%d\n" % value, headers={**CHANGED_VALUE_HEADERS, **caching})
+
+
+NOT_CACHED = {"Cache-Control": "no-cache"}
 
 
 def caching_headers(settings: Settings) -> dict[str, str]:
     """What reads say about caching: nothing may keep them, unless a cache in front is purged on every
     change (--purge-url); then it may for --cache-seconds (browsers still may not: max-age is 0)."""
     if not settings.purge_urls:
-        return {"Cache-Control": "no-cache"}
+        return NOT_CACHED
     return {"Cache-Control": f"public, max-age=0, s-maxage={settings.cache_seconds}", "Vary": "Accept"}
 
 
@@ -1744,7 +2316,7 @@ def retry_later(status: type[web.HTTPException], reason: str, seconds: float) ->
 
 
 def unknown_counter(counter_id: str) -> NoReturn:
-    abort(web.HTTPNotFound, f"unknown counter {counter_id!r}")
+    abort(web.HTTPNotFound, f"unknown counter {counter_id!r} (an admin PUT creates it; with --auto-create, a POST)")
 
 
 async def read_body(request: web.Request) -> bytes:
@@ -1785,6 +2357,8 @@ def allowing_origin(origin: str, handler: Handler) -> Handler:
             response = await handler(request)
         except web.HTTPException as refusal:
             refusal.headers[ALLOW_ORIGIN] = origin
+            # No cache keeps an error: a counter made after its 404 must read at once through one.
+            refusal.headers.setdefault("Cache-Control", "no-store")
             raise
         response.headers[ALLOW_ORIGIN] = origin
         return response
@@ -1804,25 +2378,48 @@ VERDANA_11PX = dict(zip(
      8.3, 4.6, 5.0, 7.6, 6.1, 9.3, 8.2, 8.7, 6.6, 8.7, 7.6, 7.5, 6.8, 8.1, 7.5, 10.9, 7.5, 6.8, 7.5, 5.0,
      5.0, 5.0, 9.2, 7.0, 7.0, 6.7, 6.9, 5.7, 6.9, 6.6, 3.8, 6.9, 7.0, 3.0, 3.8, 6.5, 3.0, 10.7, 7.0, 6.7,
      6.9, 6.9, 4.7, 5.7, 4.3, 7.0, 6.5, 9.0, 6.5, 6.5, 5.8, 7.0, 5.0, 7.0, 9.2)))
-WIDEST = 12.1  # for any other character: better a little room than a clipped text
+FULL_WIDTH = 11.0  # a CJK character or an emoji: an em
+OTHER_WIDTH = 7.5  # any other letter (Cyrillic, Greek, ...): about a capital's
 BADGE_HEADERS = {"Content-Type": "image/svg+xml", "Cache-Control": "no-cache, max-age=0",
                  # GitHub's image proxy (camo) keeps an image unless it expired: this one always has.
                  "Expires": "Thu, 01 Jan 1970 00:00:00 GMT"}
 
 
 def text_width(text: str) -> float:
-    return sum(VERDANA_11PX.get(character, WIDEST) for character in text)
+    return sum(character_width(character) for character in text)
 
 
-def badge_response(request: web.Request, label: str, value: int, color: str) -> web.Response:
-    """A badge of value (with thousands separators) under ?label= (or label), in ?style= (flat)."""
+def character_width(character: str) -> float:
+    """A character's width at 11 px: Verdana's for ASCII, its base letter's for an accented one, an
+    em for a wide one, none for a combining mark. A guess too wide would stretch the text (textLength)."""
+    if (width := VERDANA_11PX.get(character)) is not None:
+        return width
+    if unicodedata.combining(character) or unicodedata.category(character) in ("Mn", "Me", "Cf"):
+        return 0.0
+    if unicodedata.east_asian_width(character) in ("W", "F"):
+        return FULL_WIDTH
+    base = unicodedata.normalize("NFD", character)[0]
+    return VERDANA_11PX.get(base, OTHER_WIDTH)
+
+
+UNKNOWN_BADGE_COLOR = "#9f9f9f"  # shields.io's grey for what isn't there
+
+
+def badge_response(request: web.Request, label: str, value: int | None, color: str) -> web.Response:
+    """A badge of value (with thousands separators) under ?label= (or label), in ?style= (flat); for
+    a counter that doesn't exist (value None) a grey "not found" badge, status 404, as shields.io
+    answers: an image still, not a broken one."""
     label = request.query.get("label", label)
     if not 1 <= len(label) <= MAX_LABEL or not label.isprintable():
         abort(web.HTTPBadRequest, f"label must be 1 to {MAX_LABEL} printable characters")
     style = request.query.get("style", BADGE_STYLES[0])
     if style not in BADGE_STYLES:
         abort(web.HTTPBadRequest, f"style must be one of {', '.join(BADGE_STYLES)}")
-    return web.Response(body=badge_svg(label, f"{value:,}", color, rounded=style == "flat"), headers=BADGE_HEADERS)
+    rounded = style == "flat"
+    if value is None:
+        return web.Response(status=404, headers=BADGE_HEADERS,
+                            body=badge_svg(label, "not found", UNKNOWN_BADGE_COLOR, rounded=rounded))
+    return web.Response(body=badge_svg(label, f"{value:,}", color, rounded=rounded), headers=BADGE_HEADERS)
 
 
 def badge_svg(label: str, text: str, color: str, *, rounded: bool) -> bytes:
@@ -1867,7 +2464,7 @@ async def get_counter(request: web.Request) -> web.StreamResponse:
     media_type = preferred_format(request)
     if media_type != "text/event-stream":
         return value_response(request, counter_id, "value", request.app[STORE].value(counter_id), media_type)
-    return await stream(request, [counter_id], multi=False)
+    return await stream(request, [Key(counter_id)], multi=False)
 
 
 async def get_watchers(request: web.Request) -> web.StreamResponse:
@@ -1877,70 +2474,61 @@ async def get_watchers(request: web.Request) -> web.StreamResponse:
     counter_id = readable_counter_id(request)
     media_type = preferred_format(request)
     if media_type == "text/event-stream":
-        return await stream(request, [watchers_key(counter_id)], multi=False)
+        return await stream(request, [Key(counter_id, True)], multi=False)
     return value_response(request, counter_id, "watchers", request.app[PRESENCE].count(counter_id), media_type)
 
 
 async def counter_badge(request: web.Request) -> web.Response:
     """The counter's value as a badge. Showing it doesn't count a view: a page counts with a POST."""
-    counter_id = readable_counter_id(request)
-    return badge_response(request, "views", request.app[STORE].value(counter_id), "#4c1")
+    counter_id = request.match_info["counter_id"]
+    store = request.app[STORE]
+    return badge_response(request, "views", store.value(counter_id) if store.readable(counter_id) else None, "#4c1")
 
 
 async def watchers_badge(request: web.Request) -> web.Response:
-    counter_id = readable_counter_id(request)
-    return badge_response(request, "watching", request.app[PRESENCE].count(counter_id), "#007ec6")
+    counter_id = request.match_info["counter_id"]
+    count = request.app[PRESENCE].count(counter_id) if request.app[STORE].readable(counter_id) else None
+    return badge_response(request, "watching", count, "#007ec6")
 
 
-def value_on_channel(app: web.Application, key: str) -> int | None:
+def value_on_channel(app: web.Application, key: Key) -> int | None:
     """A channel's value as its listeners know it: a counter's (None if it doesn't exist for them,
     see announced_value), or a counter's watcher count."""
-    counter_id = key.removeprefix(WATCHERS)
-    value = app[STORE].announced_value(counter_id)
-    if value is None or counter_id == key:
+    value = app[STORE].announced_value(key.counter_id)
+    if value is None or not key.watchers:
         return value
-    return app[PRESENCE].count(counter_id)
+    return app[PRESENCE].count(key.counter_id)
 
 
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-async def stream(request: web.Request, keys: list[str], *, multi: bool) -> web.StreamResponse:
-    """The channels' current values (counters' values or watcher counts, see WATCHERS), then every
-    change, until the client leaves or the server stops."""
+async def stream(request: web.Request, keys: list[Key], *, multi: bool) -> web.StreamResponse:
+    """The channels' current values (counters' values or watcher counts), then every change, until
+    the client leaves or the server stops."""
     if request.method == "HEAD":
         return web.Response(headers=SSE_HEADERS)
-    # The first frames: what the channels' listeners know now (a change while the headers go out
-    # reaches the stream when the hub registers it, see take_over).
     value_of = functools.partial(value_on_channel, request.app)
-    first = {key: value_of(key) for key in keys}
-    for key, value in first.items():
-        if value is None:  # in durable mode, a counter whose creation isn't on disk yet
-            unknown_counter(key.removeprefix(WATCHERS))
+    for key in keys:
+        if value_of(key) is None:  # in durable mode, a counter whose creation isn't on disk yet
+            unknown_counter(key.counter_id)
     signature = request.headers.get("Grip-Sig")
-    held = bool(signature and request.app[GRIP] and grip_sig_valid(signature, request.app[SETTINGS].grip_key))
-    # A stream of a counter and its watcher count counts itself (see _register), if it will be
-    # counted: here, or on Pushpin if its stats are read.
-    if not held or request.app[SETTINGS].grip_stats:
-        for key in keys:
-            if watchers_key(key) in first:
-                first[watchers_key(key)] += 1
-    if held:
-        return held_by_pushpin(request, first, multi)
+    if signature and request.app[GRIP] and grip_sig_valid(signature, request.app[SETTINGS].grip_key):
+        return held_by_pushpin(request, keys, multi)
     transport = request.transport  # aiohttp forgets it when the client leaves: held for take_over
     if transport is None:
         abort(web.HTTPBadRequest, "the client left")  # not even this answer will arrive
     if transport.get_extra_info("sslcontext") is not None:
         # The hub writes to the socket itself (see take_over), which TLS can't allow.
         retry_later(web.HTTPServiceUnavailable, "event streams need plain HTTP here: "
-                          "terminate TLS in a proxy in front of livecounter", 3600)
+                    "terminate TLS in a proxy in front of livecounter", 3600)
     hub = request.app[HUB]
     client = client_address(request)
-    if reason := hub.refusal():
-        retry_later(web.HTTPServiceUnavailable, reason, 10)
-    if reason := hub.client_refusal(client):
-        retry_later(web.HTTPTooManyRequests, reason, 10)
-    listener = hub.reserve(client, multi=multi, chunked=request.version >= HttpVersion11)
+    if refusal := hub.refusal(client):
+        retry_later(*refusal, 10)
+    # Admitted before its first frames are read, with no await between: it counts among the watchers
+    # of its counters at once (its own watcher count frame counts it), and gets what changes after.
+    listener = hub.admit(client, stream_style(multi=multi, chunked=request.version >= HttpVersion11), keys, value_of)
     settings = request.app[SETTINGS]
     # The origin now: allowing_origin adds it after the handler, and these headers go out first.
     response = web.StreamResponse(headers={**SSE_HEADERS, ALLOW_ORIGIN: settings.cors_origin})
@@ -1952,33 +2540,42 @@ async def stream(request: web.Request, keys: list[str], *, multi: bool) -> web.S
         # The stream ends with its connection: a client must not pool it for another request.
         response.force_close()
         await response.prepare(request)  # aiohttp chunks it for HTTP/1.1, as the listener's style says
-        # The headers (held, see above), the retry field and the first frames in one packet (aiohttp
-        # does the chunking).
+        # The headers (held, see above) and the first frames, the retry field in the first one's block,
+        # in one packet (aiohttp does the chunking).
         await response.write(retry_field(settings.reconnect_window)
-                             + encode_values(first, stream_style(multi=multi, chunked=False)))
-        await hub.take_over(listener, transport, first, value_of)
+                             + encode_values(listener.first, stream_style(multi=multi, chunked=False)))
+        await hub.take_over(listener, transport)
     except ConnectionError:
         pass  # the client left: not a failure
     finally:
-        if not listener.channels:  # never registered: the slot goes back, whatever the way out
+        if listener.sock is None:  # never taken over: the slot goes back, whatever the way out
             hub.release(listener)
-    return response  # aiohttp finds its side of the connection closed, and is done with it
+    return response  # aiohttp finds its side of the connection closed (or ends the stream), and is done
 
 
-def held_by_pushpin(request: web.Request, first: dict[str, int], multi: bool) -> web.Response:
-    """The first frames, and the instructions for Pushpin to hold the stream on the counters' channels.
+def held_by_pushpin(request: web.Request, keys: list[Key], multi: bool) -> web.Response:
+    """The first frames, and the instructions for Pushpin to hold the stream on the channels.
 
     Without a cache in front, the body goes to this client alone (Pushpin forwards each client's
     request: tests/test_pushpin.py checks that their retry fields differ), so after a Pushpin restart
     they come back spread too; a cache (--purge-url) shares one answer, retry field included."""
-    settings = request.app[SETTINGS]
+    app = request.app
+    first = {key: value_on_channel(app, key) for key in keys}
+    # A stream of a counter and its watcher count counts itself, if Pushpin's stats are read: its
+    # subscription is reported within a second, which the count follows.
+    if app[SETTINGS].grip_stats:
+        for key in keys:
+            if key.count in first and not key.watchers:
+                first[key.count] += 1
+    settings = app[SETTINGS]
     return web.Response(
         body=retry_field(settings.reconnect_window) + encode_values(first, stream_style(multi=multi, chunked=False)),
         # Multi-counter streams are never cached: no purge names them.
-        headers={**grip_hold_headers(request, list(first), multi), **({} if multi else request.app[CACHING])})
+        headers={**grip_hold_headers(request, keys, multi),
+                 **({} if multi or keys[0].counter_id not in app[STORE] else app[CACHING])})
 
 
-def grip_hold_headers(request: web.Request, keys: list[str], multi: bool) -> dict[str, str]:
+def grip_hold_headers(request: web.Request, keys: list[Key], multi: bool) -> dict[str, str]:
     """Pushpin's instructions for a stream of these channels: hold it on each, with the id of the
     publish its value came with as prev-id (a listener that missed one is found by Pushpin), and the
     next link, where Pushpin asks what a stream missed.
@@ -1990,7 +2587,7 @@ def grip_hold_headers(request: web.Request, keys: list[str], multi: bool) -> dic
     the last of them back for 30 s; with one link, 1,000 streams a second go."""
     settings, grip = request.app[SETTINGS], request.app[GRIP]
     grip.answered(keys)
-    channels = ", ".join(f"{grip_channel(key, multi)}; prev-id={grip.publish_id(key)}" for key in keys)
+    channels = ", ".join(f"{key.grip_channel(multi)}; prev-id={grip.publish_id(key)}" for key in keys)
     # /counters/ under the app's prefix, if a sub-app: from the route's pattern, where an id is {counter_id}
     route_pattern = request.match_info.route.resource.canonical
     counters_path = route_pattern[:route_pattern.rindex("/counters")] + "/counters/"
@@ -2007,29 +2604,29 @@ def what_pushpin_missed(request: web.Request) -> web.Response:
     signature = request.headers.get("Grip-Sig")
     if not (signature and request.app[GRIP] and grip_sig_valid(signature, request.app[SETTINGS].grip_key)):
         abort(web.HTTPBadRequest, "Grip-Last comes from Pushpin, with a valid Grip-Sig")
-    last_ids: dict[tuple[str, bool], str] = {}
+    last_ids: dict[Key, str] = {}
+    multi = False
     for entry in ",".join(request.headers.getall("Grip-Last")).split(","):
         channel, _, parameters = entry.partition(";")
-        if (named := key_of_grip_channel(channel.strip())) is None:
+        if (named := Key.of_grip_channel(channel.strip())) is None:
             abort(web.HTTPBadRequest, f"Grip-Last names an unknown channel {channel.strip()!r}")
-        last_ids[named] = parameters.partition("last-id=")[2].strip()
-    multi = any(multi for _, multi in last_ids)
+        last_ids[named[0]] = parameters.partition("last-id=")[2].strip()
+        multi |= named[1]
     grip = request.app[GRIP]
     missed = {}
-    for (key, _), last_id in last_ids.items():
+    for key, last_id in last_ids.items():
         if (value := value_on_channel(request.app, key)) is None:
             return web.Response(headers={"Cache-Control": "no-store"})
         if grip.publish_id(key) != last_id:
             missed[key] = value
     return web.Response(body=encode_values(missed, stream_style(multi=multi, chunked=False)),
-                        headers={**grip_hold_headers(request, [key for key, _ in last_ids], multi),
-                                 "Cache-Control": "no-store"})
+                        headers={**grip_hold_headers(request, list(last_ids), multi), "Cache-Control": "no-store"})
 
 
 def increment_handler(app: web.Application) -> Handler:
     """POST, the hot path. What it needs from the app is looked up once, here: an app[KEY] lookup is a
-    call in Python, and a POST needs four (the instructions row of bench/run.py)."""
-    store, hub, purger, grip, post_rate = app[STORE], app[HUB], app[PURGER], app[GRIP], app[POST_RATE]
+    call in Python, and a POST needs several (the instructions row of bench/run.py)."""
+    store, journal, post_rate = app[STORE], app[JOURNAL], app[POST_RATE]
 
     async def increment_counter(request: web.Request) -> web.Response:
         # Everything here runs for every increment, so the default mode awaits nothing.
@@ -2039,9 +2636,9 @@ def increment_handler(app: web.Application) -> Handler:
         # One bucket per client and counter: a tuple key costs a little, and only with --post-rate.
         if post_rate is not None and (wait := post_rate.retry_after((client_address(request), counter_id))):
             retry_later(web.HTTPTooManyRequests, "too many increments of this counter from this address", wait)
-        refuse_while_saves_fail(store)
+        refuse_while_saves_fail(journal)
         try:
-            value = store.increment(counter_id)
+            value = store.increment(counter_id)  # the feed takes the change to the streams, caches, Pushpin
         except KeyError:
             unknown_counter(counter_id)
         except CounterLimitReached as limit:
@@ -2049,43 +2646,23 @@ def increment_handler(app: web.Application) -> Handler:
         except OverflowError:
             abort(web.HTTPConflict, f"counter {counter_id!r} is at its maximum, {MAX_VALUE}")
         if store.durable:
-            await made_durable(store, counter_id)  # the save announces it
-        else:
-            announce(hub, purger, grip, counter_id, value)
+            await kept(journal)
         return changed_value_response(value)
     return increment_counter
 
 
-def refuse_while_saves_fail(store: CounterStore) -> None:
+def refuse_while_saves_fail(journal: Journal) -> None:
     """Durable mode takes no change it can't write: while saves fail, 503 instead of a lost ack."""
-    if store.durable and store.save_error is not None:
-        retry_later(web.HTTPServiceUnavailable, store.save_error, LAST_RETRY_DELAY)
+    if reason := journal.refusal():
+        retry_later(web.HTTPServiceUnavailable, reason, LAST_RETRY_DELAY)
 
 
-async def made_durable(store: CounterStore, counter_id: str) -> None:
-    """Durable mode: wait until the change is on disk; 503 with the reason if the save fails."""
+async def kept(journal: Journal) -> None:
+    """Durable mode: answer once the change is on disk; 503 with the reason if the save fails."""
     try:
-        await store.persisted(counter_id)
+        await journal.kept()
     except SaveFailed as failure:
         retry_later(web.HTTPServiceUnavailable, str(failure), LAST_RETRY_DELAY)
-
-
-def announce(hub: ListenerHub, purger: CachePurger | None, grip: GripPublisher | None, counter_id: str,
-             value: int | None) -> None:
-    """Tell the counter's listeners, here and on Pushpin, its value now (None: it is gone, and the
-    streams of its watcher count end too), and have the caches in front forget the old one."""
-    if value is None:
-        hub.drop(counter_id)
-    else:
-        hub.publish(counter_id, value)
-    if purger is not None:
-        purger.purge(counter_id)
-        if value is None:
-            purger.purge(watchers_key(counter_id))
-    if grip is not None:
-        grip.publish(counter_id, value)
-        if value is None:
-            grip.publish(watchers_key(counter_id), None)
 
 
 def require_admin(request: web.Request) -> None:
@@ -2110,13 +2687,11 @@ async def set_counter(request: web.Request) -> web.Response:
         abort(web.HTTPBadRequest, 'the body must be JSON like {"value": 27}')
     if type(value) is not int or abs(value) > MAX_VALUE:
         abort(web.HTTPBadRequest, f"value must be an integer within ±{MAX_VALUE}")
-    store = request.app[STORE]
-    refuse_while_saves_fail(store)
+    store, journal = request.app[STORE], request.app[JOURNAL]
+    refuse_while_saves_fail(journal)
     store.set(counter_id, value)
     if store.durable:
-        await made_durable(store, counter_id)  # the save announces it
-    else:
-        announce(request.app[HUB], request.app[PURGER], request.app[GRIP], counter_id, value)
+        await kept(journal)
     return changed_value_response(value)
 
 
@@ -2124,18 +2699,15 @@ async def delete_counter(request: web.Request) -> web.Response:
     """DELETE: remove a counter and end its streams."""
     counter_id = request.match_info["counter_id"]
     require_admin(request)
-    store = request.app[STORE]
-    refuse_while_saves_fail(store)
+    store, journal = request.app[STORE], request.app[JOURNAL]
+    refuse_while_saves_fail(journal)
     try:
         store.delete(counter_id)
     except KeyError:
         unknown_counter(counter_id)
     if store.durable:
-        await made_durable(store, counter_id)  # the save announces it
-    else:
-        announce(request.app[HUB], request.app[PURGER], request.app[GRIP], counter_id, None)
+        await kept(journal)
     return web.Response(status=204)
-
 
 MAX_STREAM_IDS = 100
 MAX_PAGE = 1000  # counters in a page of the listing (?limit=)
@@ -2219,26 +2791,25 @@ async def stream_counters(request: web.Request) -> web.StreamResponse:
             abort(web.HTTPBadRequest, f"invalid counter id {counter_id!r}: {ID_RULE}")
         if not store.readable(counter_id):
             unknown_counter(counter_id)
+    keys = [Key(counter_id) for counter_id in counter_ids]
     if watchers == "1":
-        counter_ids += [watchers_key(counter_id) for counter_id in counter_ids]
-    return await stream(request, counter_ids, multi=True)
+        keys += [key.count for key in keys]
+    return await stream(request, keys, multi=True)
 
 
 async def health(request: web.Request) -> web.Response:
-    """ok, or 503 with what fails: saving the data file, purging a cache, publishing to Pushpin. With ?local, only
-    this process's own duty, saving: a load balancer that checks each Pushpin through it must not
-    take every Pushpin out because one of them fails to take publishes."""
-    problems = [request.app[STORE].save_error]
-    if "local" not in request.query:
-        problems += [request.app[PURGER] and request.app[PURGER].error, request.app[GRIP] and request.app[GRIP].error]
-    if any(problems):
-        return web.Response(status=503, text="; ".join(filter(None, problems)) + "\n")
+    """ok, or 503 with what fails: saving the data file, purging a cache, publishing to Pushpin, any
+    background work. With ?local, only this process's own duties: a load balancer that checks each
+    Pushpin through it must not take every Pushpin out because one of them fails to take publishes."""
+    outages = request.app[LOCAL_OUTAGES] if "local" in request.query else request.app[OUTAGES]
+    if problems := errors_of(outages):
+        return web.Response(status=503, text=problems + "\n")
     return web.Response(text="ok\n")
 
 
 async def metrics(request: web.Request) -> web.Response:
     """Prometheus text exposition of what an operator watches."""
-    store, hub = request.app[STORE], request.app[HUB]
+    store, journal, hub = request.app[STORE], request.app[JOURNAL], request.app[HUB]
     samples = [
         ("listeners", "gauge", "Event streams open now.", hub.listener_count),
         ("counters", "gauge", "Counters that exist.", len(store)),
@@ -2246,28 +2817,36 @@ async def metrics(request: web.Request) -> web.Response:
         ("broadcasts_total", "counter", "Changes written to a counter's listeners.", hub.broadcasts),
         ("coalesced_updates_total", "counter",
          "Changes folded into a broadcast that was already scheduled.", hub.coalesced),
-        ("saves_total", "counter", "Saves of the data file attempted.", store.saves),
-        ("save_errors_total", "counter", "Saves of the data file that failed.", store.save_failures),
-        ("last_save_duration_seconds", "gauge", "How long the last save took.", store.last_save_seconds),
+        ("saves_total", "counter", "Saves attempted (appends to the journal).", journal.saves),
+        ("save_errors_total", "counter", "Saves and compactions that failed.", journal.save_failures),
+        ("last_save_duration_seconds", "gauge", "How long the last save took.", journal.last_save_seconds),
         ("last_save_success_timestamp_seconds", "gauge",
-         "Unix time the data file last held every value: the last successful save, or the start.",
-         store.last_saved_at),
-        ("saves_failing", "gauge", "1 while saves fail (see /healthz), else 0.", int(store.save_error is not None)),
+         "Unix time the files last held every value: the last successful save, or the start.",
+         journal.last_saved_at),
+        ("saves_failing", "gauge", "1 while saves fail (see /healthz), else 0.", int(journal.save_error is not None)),
+        ("compactions_total", "counter", "Times the journal was folded into the data file.", journal.compactions),
+        ("watched_counters", "gauge", "Counters whose watcher count is kept (watched, or lately).",
+         request.app[PRESENCE].tracked),
+        ("background_failing", "gauge", "1 while any background work fails (see /healthz), else 0.",
+         int(errors_of(request.app[OUTAGES]) is not None)),
     ]
     if (purger := request.app[PURGER]) is not None:
         samples += [
             ("purges_total", "counter", "PURGE requests a cache accepted.", purger.purges),
             ("purge_errors_total", "counter", "PURGE requests that failed.", purger.failures),
-            ("purging_failing", "gauge", "1 while purging a cache fails, else 0.", int(purger.error is not None)),
+            ("purging_failing", "gauge", "1 while purging a cache fails, else 0.", int(errors_of(purger.outages) is not None)),
+            ("unpurged_paths", "gauge", "Paths waiting to be purged from the cache furthest behind.", purger.unpurged),
         ]
     if (grip := request.app[GRIP]) is not None:
         samples += [
             ("grip_publishes_total", "counter", "Publish requests Pushpin accepted.", grip.published),
             ("grip_publish_errors_total", "counter", "Publish requests that failed.", grip.failures),
             ("grip_publishing_failing", "gauge", "1 while publishing to a Pushpin fails, else 0.",
-             int(grip.error is not None)),
+             int(errors_of(grip.outages) is not None)),
             ("grip_unpublished_counters", "gauge", "Changed counters waiting to be published to the "
-             "Pushpin furthest behind (paced to --grip-message-rate, or failing).", grip.waiting),
+             "Pushpin furthest behind (resting, paced to --grip-message-rate, or failing).", grip.waiting),
+            ("grip_channels", "gauge", "Channels the GRIP publisher keeps ids of (changed or held lately).",
+             grip.tracked),
         ]
     text = "".join(f"# HELP livecounter_{name} {help}\n# TYPE livecounter_{name} {kind}\n"
                    f"livecounter_{name} {value}\n" for name, kind, help, value in samples)
@@ -2309,36 +2888,62 @@ async def embed_script(request: web.Request) -> web.Response:
 # The application
 # --------------------------------------------------------------------------------------------------
 
+OUTAGES = web.AppKey("outages", list[Outage])  # what /healthz reports
+LOCAL_OUTAGES = web.AppKey("local_outages", list[Outage])  # what /healthz?local reports: this process's own
+
+
 def create_app(data_path: str | os.PathLike[str] = Settings.data_path, **options: object) -> web.Application:
     """The livecounter application, standalone or as a sub-app; options are Settings' fields.
 
-    Raises DataFileError if the data file can't be used, ValueError for an empty GRIP key.
+    Raises DataFileError if the data file or its journal can't be used, ValueError for a setting
+    that isn't one (the message names it).
     """
-    settings = Settings(data_path=Path(data_path), **options)  # type: ignore[arg-type]
-    if settings.grip_key == "":  # a key nobody can sign with: every proxied stream would fail
-        raise ValueError("the GRIP key (--grip-key, LIVECOUNTER_GRIP_KEY) is empty: give Pushpin's sig_key, "
-                         "or leave it unset")
+    settings = Settings(data_path=data_path, **options)  # type: ignore[arg-type]
+    if settings.grip_urls and settings.grip_key is None:
+        log.warning("--grip-url without --grip-key: any request with a Grip-Sig header is taken for "
+                    "Pushpin's, so a client reaching livecounter directly could have a stream held for it")
     app = web.Application()
     app[SETTINGS] = settings
+    loaded = load_counters(settings.data_path)
+    feed = ChangeFeed()
+    app[STORE] = store = CounterStore(loaded.counters, feed, auto_create=settings.auto_create,
+                                      max_counters=settings.max_counters, durable=settings.durable)
+    app[JOURNAL] = journal = Journal(settings.data_path, loaded, store.values, feed,
+                                     save_interval=settings.save_interval, durable=settings.durable)
     app[HUB] = hub = ListenerHub(
         keepalive_interval=settings.keepalive_interval, stall_timeout=settings.stall_timeout,
         max_listeners=settings.max_listeners or default_max_listeners(),
         max_listeners_per_ip=settings.max_listeners_per_ip)
-    app[PURGER] = purger = CachePurger(settings.purge_urls) if settings.purge_urls else None
-    app[CACHING] = caching_headers(settings)
-    app[GRIP] = grip = (GripPublisher(settings.grip_urls, settings.grip_message_rate)
-                        if settings.grip_urls else None)
-    if grip is not None:
-        grip.purger = purger
-    app[STORE] = CounterStore(
-        settings.data_path, load_counters(settings.data_path), save_interval=settings.save_interval,
-        durable=settings.durable, auto_create=settings.auto_create, max_counters=settings.max_counters,
-        announce_durable=lambda counter_id, value: announce(hub, purger, grip, counter_id, value))
-    app[PRESENCE] = Presence(hub, purger, grip, exists=lambda counter_id: app[STORE].announced_value(counter_id) is not None)
+    exists = store.__contains__
+    app[PRESENCE] = presence = Presence(hub, feed, exists=lambda counter_id: store.announced_value(counter_id) is not None)
+    app[PURGER] = purger = CachePurger(settings.purge_urls, exists) if settings.purge_urls else None
+    app[GRIP] = grip = (GripPublisher(settings.grip_urls, settings.grip_message_rate, exists=exists, purger=purger,
+                                      link_timeout=settings.grip_link_timeout) if settings.grip_urls else None)
+    # The change feed: the journal keeps a change first (in durable mode the others hear of it once it
+    # is on disk), then every receiver hears of it, each registered once, here.
+    feed.keep_with(journal, durable=settings.durable)
+    if settings.durable:
+        feed.register(store.heard)  # what new streams start from: values on disk
+    feed.register(hub.changed)
+    feed.register(presence.heard)
+    for sender in (purger, grip):
+        if sender is not None:
+            feed.register(sender.changed)
+    app[LOCAL_OUTAGES] = [journal.saving, hub.sweeping, presence.stats_reading]
+    app[OUTAGES] = app[LOCAL_OUTAGES] + (purger.outages if purger else []) + (grip.outages if grip else [])
     if settings.grip_stats:
         import_zmq()  # missing, it is said at the start, not when the first report would come
+    app[CACHING] = caching_headers(settings)
     app[POST_RATE] = (RateLimiter(settings.post_rate, burst=max(1.0, 2 * settings.post_rate))
                       if settings.post_rate else None)
+    add_routes(app)
+    app.cleanup_ctx.append(run_background_work)
+    app.on_shutdown.append(end_streams)
+    return app
+
+
+def add_routes(app: web.Application) -> None:
+    """Every path with and without its trailing slash; any other method gets a 405, any other path a 404."""
     # The route's pattern is the id rule: aiohttp's own match checks it, no check of ours runs per POST.
     counter_path = f"/counters/{{counter_id:{ID_PATTERN}}}"
     routes: list[tuple[tuple[str, ...], dict[str, Handler]]] = [
@@ -2347,10 +2952,13 @@ def create_app(data_path: str | os.PathLike[str] = Settings.data_path, **options
           "DELETE": delete_counter, "OPTIONS": preflight}),
         ((counter_path + "/watchers/", counter_path + "/watchers"),
          {"GET": get_watchers, "HEAD": get_watchers, "OPTIONS": preflight}),
-        ((counter_path + "/badge.svg",), {"GET": counter_badge, "HEAD": counter_badge, "OPTIONS": preflight}),
-        ((counter_path + "/watchers/badge.svg",), {"GET": watchers_badge, "HEAD": watchers_badge, "OPTIONS": preflight}),
+        ((counter_path + "/badge.svg", counter_path + "/badge.svg/"),
+         {"GET": counter_badge, "HEAD": counter_badge, "OPTIONS": preflight}),
+        ((counter_path + "/watchers/badge.svg", counter_path + "/watchers/badge.svg/"),
+         {"GET": watchers_badge, "HEAD": watchers_badge, "OPTIONS": preflight}),
         # Only ids the counter routes refused get here: 400 whatever the method (a preflight still passes).
-        (("/counters/{counter_id}/", "/counters/{counter_id}", "/counters/{counter_id}/{resource:watchers/?|badge\\.svg|watchers/badge\\.svg}"),
+        (("/counters/{counter_id}/", "/counters/{counter_id}",
+          "/counters/{counter_id}/{resource:watchers/?|badge\\.svg/?|watchers/badge\\.svg/?}"),
          {"OPTIONS": preflight, "*": invalid_counter_id}),
         (("/counters/", "/counters"), {"GET": list_counters, "HEAD": list_counters, "OPTIONS": preflight}),
         (("/healthz", "/healthz/"), {"GET": health, "HEAD": health, "OPTIONS": preflight}),
@@ -2358,6 +2966,7 @@ def create_app(data_path: str | os.PathLike[str] = Settings.data_path, **options
         (("/",), {"GET": home, "HEAD": home, "OPTIONS": preflight}),
         (("/embed.js", "/embed.js/"), {"GET": embed_script, "HEAD": embed_script, "OPTIONS": preflight}),
     ]
+    origin = app[SETTINGS].cors_origin
     for paths, handlers in routes:
         methods = [method for method in handlers if method != "*"]
         # Any other method: the table's "*", else a 405 from here, with the origin like every answer.
@@ -2366,40 +2975,37 @@ def create_app(data_path: str | os.PathLike[str] = Settings.data_path, **options
         for path in paths:
             resource = app.router.add_resource(path)
             for method, handler in answers.items():
-                resource.add_route(method, allowing_origin(settings.cors_origin, handler))
+                resource.add_route(method, allowing_origin(origin, handler))
     # Any other path, whatever the method: 404 (a preflight too: nothing there would take the request).
-    app.router.add_route("*", "/{path:.*}", allowing_origin(settings.cors_origin, no_such_path))
-    app.cleanup_ctx.append(run_background_work)
-    app.on_shutdown.append(end_streams)
-    return app
+    app.router.add_route("*", "/{path:.*}", allowing_origin(origin, no_such_path))
 
 
 async def run_background_work(app: web.Application):
-    """Saves, sweeps and publishing while the app runs; once every stream and request has ended, the
-    final save, then the last publishes (in durable mode the final save announces what it holds)."""
-    tasks = [asyncio.create_task(app[STORE].run_saves()), asyncio.create_task(app[HUB].run_sweeps())]
+    """Saves, sweeps, purging and publishing while the app runs, each a loop nothing ends but the
+    stop; once every stream and request has ended, the final save, then the last purges and
+    publishes (in durable mode the final save releases what it holds)."""
+    journal, hub, presence = app[JOURNAL], app[HUB], app[PRESENCE]
+    tasks = [asyncio.create_task(forever(journal.saving, journal.run_saves)),
+             asyncio.create_task(forever(hub.sweeping, hub.sweep_now_and_then))]
     if app[SETTINGS].grip_stats:
-        tasks.append(asyncio.create_task(read_pushpin_stats(app[SETTINGS].grip_stats, app[PRESENCE])))
-    purging = asyncio.create_task(app[PURGER].run()) if app[PURGER] is not None else None
-    publishing = asyncio.create_task(app[GRIP].run()) if app[GRIP] is not None else None
+        tasks.append(asyncio.create_task(forever(presence.stats_reading, functools.partial(
+            read_pushpin_stats, app[SETTINGS].grip_stats, presence))))
+    outbound = [(sender, asyncio.create_task(sender.run())) for sender in (app[PURGER], app[GRIP]) if sender]
     yield
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
-    await app[STORE].close()
-    outbound = [(app[PURGER], purging), (app[GRIP], publishing)]
-    await asyncio.gather(*(sender.flushed(STOP_PUBLISH_TIMEOUT) for sender, task in outbound if task is not None))
+    await journal.close()
+    await asyncio.gather(*(sender.flushed(STOP_PUBLISH_TIMEOUT) for sender, _ in outbound))
     for _, task in outbound:
-        if task is not None:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
 
 
 async def end_streams(app: web.Application) -> None:
     # Streams are the hub's connections, not aiohttp's: they end (last chunk, close) as soon as
     # shutdown begins, and no stream is taken after that, whatever aiohttp still waits for.
     app[HUB].close()
-
 
 # --------------------------------------------------------------------------------------------------
 # Pages: the demo page and the embeddable script
@@ -2787,13 +3393,20 @@ EMBED_SCRIPT = """/* livecounter embed: <span data-livecounter="2"></span> becom
 class Serving:
     """Options of the command line alone: where to listen, and the access log."""
 
-    host: str = option("127.0.0.1", "address to listen on, unless systemd passes the sockets")
-    port: int = option(8080, "port to listen on, unless systemd passes the sockets", parse=int)
+    host: str = option("127.0.0.1", "address to listen on (0.0.0.0: every IPv4 address), unless systemd "
+                       "passes the sockets", parse=any_text, metavar="ADDRESS")
+    port: int = option(8080, "port to listen on (0: any free one, printed at the start), unless systemd "
+                       "passes the sockets", parse=port_number, metavar="PORT")
     no_access_log: bool = option(False, "don't log every request (the access log is in the combined format)",
-                                 shown="logged")
+                                 parse=switch, shown="logged")
+
+    def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):
+            object.__setattr__(self, field.name, checked_setting(field, getattr(self, field.name)))
 
 
-OPTIONS = (*dataclasses.fields(Serving), *(field for field in dataclasses.fields(Settings) if field.metadata))
+SETTING_NAMES = {field.name for field in dataclasses.fields(Settings)}
+OPTIONS = (*dataclasses.fields(Serving), *(field for field in dataclasses.fields(Settings) if field.metadata["help"]))
 
 
 def flag_of(field: dataclasses.Field) -> str:
@@ -2805,38 +3418,54 @@ def variable_of(field: dataclasses.Field) -> str:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    """The command line, each option defaulting to its LIVECOUNTER_* variable, then to its field's default."""
-    parser = argparse.ArgumentParser(
+    """The command line, each option defaulting to its LIVECOUNTER_* variable, then to its field's
+    default. A variable's value that its option wouldn't take stops the start, naming the variable."""
+    parser = OneLineErrors(
         prog="livecounter",
         description="Counters with live updates over Server-Sent Events. Every option can also be "
-                    "set with the LIVECOUNTER_* variable named beside it; LIVECOUNTER_ADMIN_TOKEN "
-                    "(no option: it would show in ps) allows PUT and DELETE.")
+                    "set with the LIVECOUNTER_* variable named beside it (the option wins); on/off "
+                    f"variables take {', '.join(SWITCH_ON)} for on, {', '.join(SWITCH_OFF[:-1])} for off. "
+                    "LIVECOUNTER_ADMIN_TOKEN (no option: it would show in ps) allows PUT and DELETE.")
     parser.add_argument("--version", action="version", version=f"livecounter {__version__}")
+    from_environment = {}
     for field in OPTIONS:
+        if (text := os.environ.get(variable_of(field))) is not None:
+            try:
+                from_environment[field.name] = checked_setting(
+                    field, text.split() if isinstance(field.default, tuple) else text)
+            except ValueError as error:
+                parser.error(f"{variable_of(field)}: {str(error).partition(': ')[2]}")
         add_option(parser, field)
     args = parser.parse_args(argv)
-    for field in OPTIONS:
-        if isinstance(field.default, tuple):  # argparse appends to a default: the variable is read here
-            values = getattr(args, field.name) or os.environ.get(variable_of(field), "").split()
-            setattr(args, field.name, tuple(values))
+    for field in OPTIONS:  # what the command line left unset comes from the variable, or the default
+        if getattr(args, field.name) is None:
+            setattr(args, field.name, from_environment.get(field.name, field.default))
+        elif isinstance(field.default, tuple):
+            setattr(args, field.name, tuple(getattr(args, field.name)))
     return args
 
 
+class OneLineErrors(argparse.ArgumentParser):
+    """A command line whose errors are one line, naming the option or variable: what a service's log
+    shows (the usage is --help's)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message}\n")
+
+
 def add_option(parser: argparse.ArgumentParser, field: dataclasses.Field) -> None:
+    """An option whose default (None here) parse_args fills in from the variable or the field."""
     variable = variable_of(field)
-    from_environment = os.environ.get(variable)
     shown = field.metadata["shown"]
     if isinstance(field.default, bool):
-        kind = {"action": "store_true", "default": (from_environment or "").lower() in ("1", "true", "yes", "on")}
+        kind: dict[str, Any] = {"action": "store_const", "const": True}
         shown = shown or "off"
-    elif isinstance(field.default, tuple):
-        kind = {"action": "append", "default": None, "metavar": variable[12:]}
     else:
-        parse = field.metadata["parse"]
-        kind = {"default": field.default if from_environment is None else from_environment,
-                "type": checked(parse) if parse else str, "metavar": variable[12:]}
-    parser.add_argument(flag_of(field), dest=field.name, **kind,
-                        help=f"{field.metadata['help']} (default: {shown or field.default}; env {variable})")
+        kind = {"type": checked(field.metadata["parse"]), "metavar": field.metadata["metavar"]}
+        if isinstance(field.default, tuple):
+            kind["action"] = "append"
+    parser.add_argument(flag_of(field), dest=field.name, default=None, **kind,
+                        help=f"{field.metadata['help']} (default: {shown or field.default}; variable {variable})")
 
 
 def checked(parse: Callable[[str], object]) -> Callable[[str], object]:
@@ -2848,6 +3477,25 @@ def checked(parse: Callable[[str], object]) -> Callable[[str], object]:
             raise argparse.ArgumentTypeError(str(error)) from None
     parse_option.__name__ = parse.__name__.replace("_", " ")
     return parse_option
+
+
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
+
+
+def warn_of_unsafe_settings(args: argparse.Namespace, sockets: Sequence[socket.socket]) -> None:
+    """Say at the start what a combination of settings lets clients do."""
+    hosts = [sock.getsockname()[0] for sock in sockets if sock.family != socket.AF_UNIX] if sockets else [args.host]
+    if args.trust_proxy and not all(host in LOOPBACK_HOSTS or _is_loopback(host) for host in hosts):
+        log.warning("--trust-proxy while listening on %s: anyone who reaches livecounter directly can name "
+                    "any address in X-Forwarded-For and pass --post-rate and --max-listeners-per-ip; listen "
+                    "on 127.0.0.1 behind the proxy", ", ".join(hosts))
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def raise_open_file_limit() -> None:
@@ -2898,9 +3546,10 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         print(f"livecounter: {error}", file=sys.stderr)
         return 2
+    warn_of_unsafe_settings(args, sockets)
     try:
-        app = create_app(**{field.name: getattr(args, field.name) for field in dataclasses.fields(Settings)
-                            if field.metadata}, admin_token=os.environ.get("LIVECOUNTER_ADMIN_TOKEN") or None)
+        app = create_app(**{field.name: getattr(args, field.name) for field in OPTIONS if field.name in SETTING_NAMES},
+                         admin_token=os.environ.get("LIVECOUNTER_ADMIN_TOKEN") or None)
     except (DataFileError, ValueError) as error:
         print(f"livecounter: {error}", file=sys.stderr)
         return 2
@@ -2935,12 +3584,13 @@ async def serve(app: web.Application, host: str, port: int, access_log: logging.
         try:
             # backlog: after a restart every browser's EventSource reconnects at once; 128 queued
             # connections overflow and the rest wait a SYN retransmit (1 s, then 3 s, ...) each.
-            await web.TCPSite(runner, host, port, backlog=4096).start()
+            site = web.TCPSite(runner, host, port, backlog=4096)
+            await site.start()
         except OSError as error:  # the port is taken, or the address is not this machine's
             print(f"livecounter: cannot listen on {host}:{port}: {error.strerror or error}", file=sys.stderr)
             await runner.cleanup()
             return 1
-        urls = [http_url(host, port)]
+        urls = [serving_url(*address[:2]) for address in runner.addresses]  # with the port --port 0 got
     stopping = asyncio.Event()
 
     def on_signal(signal_number: int) -> None:
@@ -2954,7 +3604,7 @@ async def serve(app: web.Application, host: str, port: int, access_log: logging.
     await stopping.wait()
     await stop_accepting(runner)
     await runner.cleanup()
-    return 0 if app[STORE].save_error is None else 1  # the final save failed: systemd and the operator see it
+    return 0 if app[JOURNAL].save_error is None else 1  # the final save failed: systemd and the operator see it
 
 
 ARRIVAL_GRACE = 0.1  # seconds for the requests of connections just accepted to arrive, when stopping
@@ -2971,7 +3621,7 @@ async def stop_accepting(runner: web.AppRunner) -> None:
     await asyncio.sleep(ARRIVAL_GRACE)
 
 
-def http_url(host: str, port: int) -> str:
+def serving_url(host: str, port: int) -> str:
     return f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
 
 
@@ -2980,7 +3630,7 @@ def socket_url(sock: socket.socket) -> str:
     if sock.family == socket.AF_UNIX:
         return f"http://unix:{sock.getsockname()}:/"
     host, port = sock.getsockname()[:2]
-    return http_url(host, port)
+    return serving_url(host, port)
 
 
 if __name__ == "__main__":

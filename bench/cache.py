@@ -39,7 +39,7 @@ import time
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
-sys.path[:0] = [str(BENCH), str(BENCH.parent / "tests"), str(BENCH.parent)]
+sys.path[:0] = [str(BENCH), str(BENCH.parent)]
 
 import run  # noqa: E402  (bench/run.py)
 from pushpin import processes_of  # noqa: E402  (bench/pushpin.py)
@@ -166,8 +166,8 @@ class Chain:
     """One livecounter (its access log on) behind its own Pushpin, with a Varnish between or not."""
 
     def __init__(self, name: str, workdir: Path, cached: bool, other: "Chain | None" = None) -> None:
-        from test_pushpin import Pushpin
-        from test_varnish import PUSHPIN_ROUTES, Varnish
+        from tests.test_pushpin import Pushpin
+        from tests.test_varnish import PUSHPIN_ROUTES, Varnish
         self.name, self.cached, self.value = name, cached, 0
         self.port = run.free_port()
         self.data = workdir / f"counters-{name}.json"
@@ -272,7 +272,7 @@ async def main(count: int) -> None:
     if shutil.which("pushpin") is None or not (shutil.which("varnishd") or Path("/usr/sbin/varnishd").exists()):
         print("bench/cache.py needs pushpin and varnish (apt-get install pushpin varnish)", file=sys.stderr)
         sys.exit(2)
-    from test_pushpin import SIG_KEY
+    from tests.test_pushpin import SIG_KEY
     with tempfile.TemporaryDirectory(prefix="livecounter-cache-") as directory:
         workdir = Path(directory)
         direct = Chain("direct", workdir, cached=False)  # two Pushpins: ports apart (each offsets 5560-5563)

@@ -20,10 +20,10 @@ import time
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
-sys.path[:0] = [str(BENCH), str(BENCH.parent / "tests"), str(BENCH.parent)]
+sys.path[:0] = [str(BENCH), str(BENCH.parent)]
 
 import run  # noqa: E402  (bench/run.py)
-from test_pushpin import Pushpin  # noqa: E402
+from tests.test_pushpin import Pushpin  # noqa: E402
 
 
 def processes_of(directory: Path, exclude: int) -> list[int]:

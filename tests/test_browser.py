@@ -21,7 +21,7 @@ from PIL import Image
 from playwright.async_api import async_playwright
 
 from livecounter import STREAM_QUERY_MAX, create_app
-from conftest import ZEROS, metric, wait_until
+from tests.helpers import ZEROS, metric, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = "/usr/bin/chromium"

@@ -27,7 +27,7 @@ import aiohttp
 import pytest
 
 import livecounter
-from conftest import SSE, Server, free_port, read_until_value
+from tests.helpers import SSE, Server, free_port, read_until_value
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import ZEROS, free_port
+from tests.helpers import ZEROS, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 ADMIN_TOKEN = "fuzz-token"

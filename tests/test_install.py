@@ -13,7 +13,7 @@ import aiohttp
 import pytest
 
 import livecounter
-from conftest import ZEROS, free_port
+from tests.helpers import ZEROS, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 

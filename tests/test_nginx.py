@@ -20,8 +20,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from test_browser import browser, open_page, other_origin, readme_snippet, shows, uncaught  # noqa: F401 (fixtures)
-from conftest import Server, free_port, metric, wait_until
+from tests.test_browser import browser, open_page, other_origin, readme_snippet, shows, uncaught  # noqa: F401 (fixtures)
+from tests.helpers import Server, free_port, metric, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 NGINX = shutil.which("nginx", path=os.environ.get("PATH", "") + ":/usr/sbin")

@@ -23,7 +23,7 @@ import jwt
 import pytest
 from aiohttp import web
 
-from conftest import (SSE, Server, frame, free_port, metric, open_fds, read_frame, read_retry, read_until_value, retry_of,
+from tests.helpers import (SSE, Server, frame, free_port, metric, open_fds, read_frame, read_retry, read_until_value, retry_of,
                       retry_read, wait_until)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -250,8 +250,8 @@ async def test_a_forged_grip_sig_is_not_honoured(setup):
         assert re.fullmatch(r"counter-1; prev-id=[0-9a-f]+\.[0-9]+", response.headers["Grip-Channel"])
         assert response.headers["Grip-Link"] == "</counters/?after=last>; rel=next; timeout=30"
         assert response.headers["Grip-Keep-Alive"] == ":\\n\\n; format=cstring; timeout=15"
-        retry, first = (await response.read()).split(b"\n\n", 1)
-        retry_of(retry + b"\n\n")
+        retry, first = (await response.read()).split(b"\n", 1)
+        retry_of(retry + b"\n")
         assert first == frame(3)  # the retry field and the first frame, then the response ends
 
 
