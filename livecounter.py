@@ -51,6 +51,7 @@ import resource
 import signal
 import socket
 import stat
+import string
 import sys
 import time
 from collections.abc import Awaitable, Callable, Hashable, Iterable, Sequence
@@ -2407,6 +2408,10 @@ async def end_streams(app: web.Application) -> None:
 #
 # Inline, with no build step, CDN or external script, so they work offline and from a sub-app's
 # prefix (every URL in them is relative to where they are served).
+#
+# Each is a string.Template rendered once, at import (below the three): what comes from the Python
+# side is a named placeholder ($live_source, $stream_ids, ...), and "$$" is a literal "$" of the
+# JavaScript. A "$" left unescaped, or a placeholder without a value, fails the import.
 
 # The one reconnection both pages share (inlined into each). An EventSource retries by itself only
 # after a network error or the end of a stream; any answer but 200 (a proxy's 502 while livecounter
@@ -2418,7 +2423,8 @@ async def end_streams(app: web.Application) -> None:
 # refused ~4 KB; nginx takes 8 KB, aiohttp 8,190 bytes): 30 ids of 64 characters, 100 short ones.
 STREAM_QUERY_MAX = 2000
 
-LIVE_SOURCE = """/* An EventSource on url that is reopened whenever it closes for good. listen(source) adds the
+LIVE_SOURCE_TEMPLATE = string.Template("""\
+/* An EventSource on url that is reopened whenever it closes for good. listen(source) adds the
    handlers to each one; state(name, seconds) hears "live", "reconnecting" (the browser retries)
    and "offline" (closed for good: a new one in `seconds`). Returns a function that ends it. */
 function liveSource(url, listen, state) {
@@ -2444,7 +2450,7 @@ function liveSource(url, listen, state) {
    watches(id) says whether the id's watcher count is wanted too: its stream then asks for every
    id's (the parameter is per stream), which is a few characters more. An id is at most 64
    characters: one always fits. */
-var STREAM_IDS = """ + str(MAX_STREAM_IDS) + """, STREAM_QUERY = """ + str(STREAM_QUERY_MAX) + """;
+var STREAM_IDS = $stream_ids, STREAM_QUERY = $stream_query;
 var WATCHERS = "&watchers=1";
 function streamsOf(ids, watches) {
   var streams = [], some = null;
@@ -2468,9 +2474,10 @@ function streamsOf(ids, watches) {
 function queryOf(stream) {
   return "?ids=" + stream.ids.map(encodeURIComponent).join(",") + (stream.watchers ? WATCHERS : "");
 }
-"""
+""")
 
-DEMO_PAGE = """<!doctype html>
+DEMO_PAGE_TEMPLATE = string.Template("""\
+<!doctype html>
 <html lang="en">
 <head>
 <meta charset="utf-8">
@@ -2515,7 +2522,7 @@ DEMO_PAGE = """<!doctype html>
 </main>
 <script>
 "use strict";
-""" + LIVE_SOURCE + """
+$live_source
 const SHOWN = 100;  // cards, over as many streams as their ids need (streamsOf)
 const RELIST = 30;  // seconds: how soon counters created (or deleted) elsewhere show here
 const grid = document.getElementById("counters");
@@ -2601,8 +2608,8 @@ function say({state, seconds}) {
 function describe(total) {
   if (!total) return "No counters yet.";
   const counters = total === 1 ? "1 counter" : total + " counters";
-  return cards.size < total ? `${counters}, ${cards.size} of them shown (a stream takes at most ${SHOWN}).`
-    : `${counters}.`;
+  return cards.size < total ? `$${counters}, $${cards.size} of them shown (a stream takes at most $${SHOWN}).`
+    : `$${counters}.`;
 }
 
 function relist() {  // the cards that still exist stay; new counters fill the places up to SHOWN
@@ -2635,9 +2642,10 @@ relist();
 </script>
 </body>
 </html>
-"""
+""")
 
-EMBED_SCRIPT = """/* livecounter embed: <span data-livecounter="2"></span> becomes counter 2's live value;
+EMBED_SCRIPT_TEMPLATE = string.Template("""\
+/* livecounter embed: <span data-livecounter="2"></span> becomes counter 2's live value;
    data-livecounter-count on it also counts this page view once (in each tab).
    <span data-livecounter-watchers="2"></span> becomes how many streams watch counter 2 now, this
    page's own among them. One stream per 100 counters (fewer if their ids are long: streamsOf),
@@ -2647,14 +2655,14 @@ EMBED_SCRIPT = """/* livecounter embed: <span data-livecounter="2"></span> becom
    script; included twice, the second copy finds every element taken (it has a state) and leaves it. */
 (function () {
   "use strict";
-""" + LIVE_SOURCE + """
+$live_source
   // Where it is served from: a module script has no currentScript, so then the <script> of .../embed.js
   var script = document.currentScript || [].filter.call(document.querySelectorAll("script[src]"), function (s) {
-    return /\\/embed\\.js([?#]|$)/.test(s.src);
+    return /\\/embed\\.js([?#]|$$)/.test(s.src);
   })[0];
   if (!script) throw new Error('livecounter: include it as <script src=".../embed.js">');
   var base = new URL("counters/", script.src).href;
-  var VALID = /^(?!\\.+$)[A-Za-z0-9._-]{1,64}$/;  // the server's rule: not only dots
+  var VALID = $valid_id;  // the server's rule, ID_PATTERN: not only dots
   // Tabs of this origin that show the same counters share their streams: over HTTP/1.1 a browser
   // opens at most six connections to a host and each stream holds one, so a seventh tab would wait
   // for ever. Each stream has a Web Lock and a BroadcastChannel named after its URL: the tab holding
@@ -2776,7 +2784,20 @@ EMBED_SCRIPT = """/* livecounter embed: <span data-livecounter="2"></span> becom
   if (document.readyState === "loading") document.addEventListener("DOMContentLoaded", start);
   else start();
 })();
-"""
+""")
+
+
+def javascript_regex(pattern: str) -> str:
+    """A JavaScript RegExp (an expression) that takes a whole string as re.fullmatch(pattern) does, for
+    a pattern in the syntax both share (ID_PATTERN's: test_livecounter.py runs it in node). Made from
+    a string literal, JSON's escapes being JavaScript's: a regex literal would end at the "/"."""
+    return f"new RegExp({json.dumps(f'^(?:{pattern})$')})"
+
+
+# Rendered once, at import. embed.js checks ids by the route's own pattern: the two can't disagree.
+LIVE_SOURCE = LIVE_SOURCE_TEMPLATE.substitute(stream_ids=MAX_STREAM_IDS, stream_query=STREAM_QUERY_MAX)
+DEMO_PAGE = DEMO_PAGE_TEMPLATE.substitute(live_source=LIVE_SOURCE)
+EMBED_SCRIPT = EMBED_SCRIPT_TEMPLATE.substitute(live_source=LIVE_SOURCE, valid_id=javascript_regex(ID_PATTERN))
 
 
 # --------------------------------------------------------------------------------------------------
