@@ -2496,16 +2496,27 @@ DEMO_PAGE_TEMPLATE = string.Template("""\
             font-size: 13px; background: var(--line); color: var(--muted); vertical-align: middle; }
   .status.live { background: #dcfae6; color: #067647; }
   .status.offline { background: #fee4e2; color: #b42318; }
-  #counters { display: grid; grid-template-columns: repeat(auto-fill, minmax(170px, 1fr)); gap: 16px; }
+  /* Five cards a row on a laptop, two on a phone. The cards of a row are as tall as the tallest, and
+     each has its "+1" at the bottom: the buttons of a row line up whatever the cards show. */
+  #counters { display: grid; grid-template-columns: repeat(auto-fill, minmax(150px, 1fr)); gap: 16px; }
   .counter { background: #fff; border: 1px solid var(--line); border-radius: 12px; padding: 16px;
-             display: flex; flex-direction: column; gap: 6px; transition: background-color 0.6s; }
+             display: flex; flex-direction: column; gap: 6px; transition: background-color 0.6s;
+             container-type: inline-size; }
   .counter.changed { background: var(--flash); transition: none; }
   .id { color: var(--muted); font-size: 13px; overflow-wrap: anywhere; }
-  .reading { display: flex; flex-wrap: wrap; align-items: baseline; column-gap: 10px; }
-  .value { font-size: 34px; font-weight: 650; font-variant-numeric: tabular-nums; letter-spacing: -0.02em; }
-  .watching { color: var(--muted); font-size: 13px; white-space: nowrap; }
-  button { align-self: flex-start; border: 1px solid var(--accent); color: var(--accent); background: #fff;
-           border-radius: 8px; padding: 4px 14px; font: inherit; font-weight: 600; cursor: pointer; }
+  .reading { display: flex; flex-direction: column; }
+  /* A value takes at most its card's width: its font shrinks from 34 px by its --characters (set with
+     the text), at 0.7 em a character (a bold digit of DejaVu Sans, Chromium's on Debian, is 0.68 em
+     here; most fonts' are narrower). Past the 14 px floor (14 characters in a narrow card) it wraps.
+     Its line keeps the height of 34 px text, the text at its foot, so that "N watching" (a line of
+     its own) sits level across a row. */
+  .value { display: flex; align-items: flex-end; min-height: calc(1.25 * 34px); line-height: 1.25;
+           font-size: clamp(14px, 100cqi / (0.7 * var(--characters, 1)), 34px); overflow-wrap: anywhere;
+           font-weight: 650; font-variant-numeric: tabular-nums; letter-spacing: -0.02em; }
+  .watching { min-height: 1.5em; color: var(--muted); font-size: 13px; white-space: nowrap; }
+  button { align-self: flex-start; margin-top: auto; border: 1px solid var(--accent); color: var(--accent);
+           background: #fff; border-radius: 8px; padding: 4px 14px; font: inherit; font-weight: 600;
+           cursor: pointer; }
   button:hover { background: var(--accent); color: #fff; }
   footer { margin-top: 32px; color: var(--muted); font-size: 14px; }
   code { background: var(--line); padding: 1px 5px; border-radius: 4px; font-size: 13px; }
@@ -2529,6 +2540,7 @@ const grid = document.getElementById("counters");
 const status = document.getElementById("status");
 const summary = document.getElementById("summary");
 const cards = new Map();  // id -> {element, number, watching}; Maps: an id like "constructor" is just an id
+const grouped = new Intl.NumberFormat("en-US");  // 1,234,567 as badges show it, whatever the reader's locale
 let watched = null, ends = [];  // the ids of the cards' streams (joined), and what ends each
 let counted = false;
 
@@ -2541,7 +2553,7 @@ function card(id, value) {
   label.textContent = "counter " + id;
   const number = document.createElement("span");
   number.className = "value";
-  number.textContent = value;
+  showNumber(number, value);
   const watching = document.createElement("span");  // filled by the stream's first watchers event
   watching.className = "watching";
   const reading = document.createElement("div");
@@ -2555,10 +2567,15 @@ function card(id, value) {
   cards.set(id, {element, number, watching});
 }
 
+function showNumber(number, value) {  // its font shrinks with its --characters (the page's CSS)
+  number.textContent = grouped.format(value);
+  number.style.setProperty("--characters", number.textContent.length);
+}
+
 function show(id, value) {
   const shown = cards.get(id);
-  if (!shown || shown.number.textContent === String(value)) return;
-  shown.number.textContent = value;
+  if (!shown || shown.number.textContent === grouped.format(value)) return;
+  showNumber(shown.number, value);
   shown.element.classList.remove("changed");
   void shown.element.offsetWidth;  // restart the highlight
   shown.element.classList.add("changed");
@@ -2567,7 +2584,7 @@ function show(id, value) {
 
 function showWatchers(id, watchers) {  // no highlight: arrivals and departures aren't the counter's news
   const shown = cards.get(id);
-  if (shown) shown.watching.textContent = watchers + " watching";
+  if (shown) shown.watching.textContent = grouped.format(watchers) + " watching";
 }
 
 function count() {  // the page-view snippet, on counter 1 if it exists: after its first value, once

@@ -59,8 +59,8 @@ def screenshot(output: Path) -> None:
                     # Live: the stream is open, and its first value made the page count its own view.
                     page.wait_for_selector("#status.live", timeout=10_000)
                     page.wait_for_function(
-                        "document.querySelector(\"[data-id='1'] .value\")?.textContent === '%d'"
-                        % (COUNTERS["1"] + 1), timeout=10_000)
+                        "document.querySelector(\"[data-id='1'] .value\")?.textContent === '%s'"
+                        % f"{COUNTERS['1'] + 1:,}", timeout=10_000)
                     page.wait_for_timeout(1000)  # the highlight of that change fades (0.6 s)
                     page.screenshot(path=str(output))
                 finally:
