@@ -2520,6 +2520,10 @@ DEMO_PAGE_TEMPLATE = string.Template("""\
   button:hover { background: var(--accent); color: #fff; }
   footer { margin-top: 32px; color: var(--muted); font-size: 14px; }
   code { background: var(--line); padding: 1px 5px; border-radius: 4px; font-size: 13px; }
+  #empty { color: var(--muted); }
+  #empty p { margin: 0 0 6px; }
+  #empty pre { margin: 0 0 16px; padding: 10px 12px; background: var(--line); border-radius: 8px;
+               color: var(--ink); font-size: 13px; white-space: pre-wrap; overflow-wrap: anywhere; }
 </style>
 </head>
 <body>
@@ -2527,6 +2531,14 @@ DEMO_PAGE_TEMPLATE = string.Template("""\
   <h1>livecounter <span id="status" class="status">connecting</span></h1>
   <p class="lead"><span id="summary">Listing the counters…</span> <span id="counted"></span></p>
   <div id="counters"></div>
+  <div id="empty" hidden>
+    <p>Make one with a <code>POST</code> to its URL, if livecounter runs with <code>--auto-create</code>:</p>
+    <pre>curl -X POST <span class="url"></span></pre>
+    <p>or with a <code>PUT</code> of its value, if livecounter has an admin token
+      (<code>LIVECOUNTER_ADMIN_TOKEN</code>):</p>
+    <pre>curl -X PUT -H "Authorization: Bearer $$LIVECOUNTER_ADMIN_TOKEN" -d '{"value": 0}' <span class="url"></span></pre>
+    <p>In place of ID: $id_rule.</p>
+  </div>
   <footer><code>POST counters/{id}/</code> increments; <code>GET counters/{id}/</code> with
     <code>Accept: text/event-stream</code> watches. Add a live number to any page with
     <code>embed.js</code>. This page lists the counters again every 30 s.</footer>
@@ -2539,6 +2551,10 @@ const RELIST = 30;  // seconds: how soon counters created (or deleted) elsewhere
 const grid = document.getElementById("counters");
 const status = document.getElementById("status");
 const summary = document.getElementById("summary");
+const empty = document.getElementById("empty");  // how to make a counter, shown while there is none
+empty.querySelectorAll(".url").forEach((url) => {  // as this page reaches it: any host, any prefix
+  url.textContent = new URL("counters/ID/", document.baseURI).href;
+});
 const cards = new Map();  // id -> {element, number, watching}; Maps: an id like "constructor" is just an id
 const grouped = new Intl.NumberFormat("en-US");  // 1,234,567 as badges show it, whatever the reader's locale
 let watched = null, ends = [];  // the ids of the cards' streams (joined), and what ends each
@@ -2648,6 +2664,7 @@ function relist() {  // the cards that still exist stay; new counters fill the p
       });
       listed.forEach((value, id) => { if (cards.size < SHOWN && !cards.has(id)) card(id, value); });
       summary.textContent = describe(total);
+      empty.hidden = total > 0;
       const ids = [...cards.keys()];
       if (ids.join(",") !== watched) watch(ids);
     })
@@ -2813,7 +2830,7 @@ def javascript_regex(pattern: str) -> str:
 
 # Rendered once, at import. embed.js checks ids by the route's own pattern: the two can't disagree.
 LIVE_SOURCE = LIVE_SOURCE_TEMPLATE.substitute(stream_ids=MAX_STREAM_IDS, stream_query=STREAM_QUERY_MAX)
-DEMO_PAGE = DEMO_PAGE_TEMPLATE.substitute(live_source=LIVE_SOURCE)
+DEMO_PAGE = DEMO_PAGE_TEMPLATE.substitute(live_source=LIVE_SOURCE, id_rule=html.escape(ID_RULE))
 EMBED_SCRIPT = EMBED_SCRIPT_TEMPLATE.substitute(live_source=LIVE_SOURCE, valid_id=javascript_regex(ID_PATTERN))
 
 

@@ -327,15 +327,33 @@ async def test_ids_named_like_object_members_are_counted_and_shown(browser, star
     assert uncaught(errors) == []
 
 
-async def test_the_demo_page_with_no_counters_says_so_and_counts_nothing(browser, start_counter_server):
-    counter_url = await start_counter_server({}, auto_create=True)  # a POST to counter 1 would make it
+async def test_the_demo_page_with_no_counters_says_so_and_how_to_make_one(browser, start_counter_server):
+    # A POST to counter 1 would make it; the admin token lets the page's PUT command work too.
+    counter_url = await start_counter_server({}, auto_create=True, admin_token="secret")
     errors = []
-    page = await open_page(browser, counter_url, errors)
+    page = await open_page(browser, counter_url, errors, fake_clock=True)
     await shows(page, "#status", "idle")
     await asyncio.sleep(0.5)
     assert "counted" not in await page.inner_text("main")
     assert await counters_of(counter_url) == {}
     await shows(page, "#summary", "No counters yet.")
+    hint = await page.inner_text("#empty")
+    assert "--auto-create" in hint
+    assert f"curl -X POST {counter_url}counters/ID/" in hint
+    put = f"""curl -X PUT -H "Authorization: Bearer $LIVECOUNTER_ADMIN_TOKEN" -d '{{"value": 0}}' {counter_url}counters/ID/"""
+    assert put in hint
+
+    # The command as shown, run in a shell with the token set, makes counter ID; the page shows it
+    # at its next listing, and the hint is gone.
+    shell = await asyncio.create_subprocess_exec(
+        "bash", "-c", put, env={**os.environ, "LIVECOUNTER_ADMIN_TOKEN": "secret"},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    output, _ = await shell.communicate()
+    assert (shell.returncode, output) == (0, b"0\n")
+    await page.clock.fast_forward("00:31")
+    await shows(page, "[data-id='ID'] .value", "0")
+    await shows(page, "#summary", "1 counter.")
+    assert not await page.is_visible("#empty")
     assert uncaught(errors) == []
 
 
