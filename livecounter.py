@@ -57,6 +57,7 @@ import resource
 import signal
 import socket
 import stat
+import string
 import sys
 import time
 import unicodedata
@@ -3013,6 +3014,10 @@ async def end_streams(app: web.Application) -> None:
 #
 # Inline, with no build step, CDN or external script, so they work offline and from a sub-app's
 # prefix (every URL in them is relative to where they are served).
+#
+# Each is a string.Template rendered once, at import (below the three): what comes from the Python
+# side is a named placeholder ($live_source, $stream_ids, ...), and "$$" is a literal "$" of the
+# JavaScript. A "$" left unescaped, or a placeholder without a value, fails the import.
 
 # The one reconnection both pages share (inlined into each). An EventSource retries by itself only
 # after a network error or the end of a stream; any answer but 200 (a proxy's 502 while livecounter
@@ -3024,7 +3029,8 @@ async def end_streams(app: web.Application) -> None:
 # refused ~4 KB; nginx takes 8 KB, aiohttp 8,190 bytes): 30 ids of 64 characters, 100 short ones.
 STREAM_QUERY_MAX = 2000
 
-LIVE_SOURCE = """/* An EventSource on url that is reopened whenever it closes for good. listen(source) adds the
+LIVE_SOURCE_TEMPLATE = string.Template("""\
+/* An EventSource on url that is reopened whenever it closes for good. listen(source) adds the
    handlers to each one; state(name, seconds) hears "live", "reconnecting" (the browser retries)
    and "offline" (closed for good: a new one in `seconds`). Returns a function that ends it. */
 function liveSource(url, listen, state) {
@@ -3050,7 +3056,7 @@ function liveSource(url, listen, state) {
    watches(id) says whether the id's watcher count is wanted too: its stream then asks for every
    id's (the parameter is per stream), which is a few characters more. An id is at most 64
    characters: one always fits. */
-var STREAM_IDS = """ + str(MAX_STREAM_IDS) + """, STREAM_QUERY = """ + str(STREAM_QUERY_MAX) + """;
+var STREAM_IDS = $stream_ids, STREAM_QUERY = $stream_query;
 var WATCHERS = "&watchers=1";
 function streamsOf(ids, watches) {
   var streams = [], some = null;
@@ -3074,9 +3080,10 @@ function streamsOf(ids, watches) {
 function queryOf(stream) {
   return "?ids=" + stream.ids.map(encodeURIComponent).join(",") + (stream.watchers ? WATCHERS : "");
 }
-"""
+""")
 
-DEMO_PAGE = """<!doctype html>
+DEMO_PAGE_TEMPLATE = string.Template("""\
+<!doctype html>
 <html lang="en">
 <head>
 <meta charset="utf-8">
@@ -3095,19 +3102,34 @@ DEMO_PAGE = """<!doctype html>
             font-size: 13px; background: var(--line); color: var(--muted); vertical-align: middle; }
   .status.live { background: #dcfae6; color: #067647; }
   .status.offline { background: #fee4e2; color: #b42318; }
-  #counters { display: grid; grid-template-columns: repeat(auto-fill, minmax(170px, 1fr)); gap: 16px; }
+  /* Five cards a row on a laptop, two on a phone. The cards of a row are as tall as the tallest, and
+     each has its "+1" at the bottom: the buttons of a row line up whatever the cards show. */
+  #counters { display: grid; grid-template-columns: repeat(auto-fill, minmax(150px, 1fr)); gap: 16px; }
   .counter { background: #fff; border: 1px solid var(--line); border-radius: 12px; padding: 16px;
-             display: flex; flex-direction: column; gap: 6px; transition: background-color 0.6s; }
+             display: flex; flex-direction: column; gap: 6px; transition: background-color 0.6s;
+             container-type: inline-size; }
   .counter.changed { background: var(--flash); transition: none; }
   .id { color: var(--muted); font-size: 13px; overflow-wrap: anywhere; }
-  .reading { display: flex; flex-wrap: wrap; align-items: baseline; column-gap: 10px; }
-  .value { font-size: 34px; font-weight: 650; font-variant-numeric: tabular-nums; letter-spacing: -0.02em; }
-  .watching { color: var(--muted); font-size: 13px; white-space: nowrap; }
-  button { align-self: flex-start; border: 1px solid var(--accent); color: var(--accent); background: #fff;
-           border-radius: 8px; padding: 4px 14px; font: inherit; font-weight: 600; cursor: pointer; }
+  .reading { display: flex; flex-direction: column; }
+  /* A value takes at most its card's width: its font shrinks from 34 px by its --characters (set with
+     the text), at 0.7 em a character (a bold digit of DejaVu Sans, Chromium's on Debian, is 0.68 em
+     here; most fonts' are narrower). Past the 14 px floor (14 characters in a narrow card) it wraps.
+     Its line keeps the height of 34 px text, the text at its foot, so that "N watching" (a line of
+     its own) sits level across a row. */
+  .value { display: flex; align-items: flex-end; min-height: calc(1.25 * 34px); line-height: 1.25;
+           font-size: clamp(14px, 100cqi / (0.7 * var(--characters, 1)), 34px); overflow-wrap: anywhere;
+           font-weight: 650; font-variant-numeric: tabular-nums; letter-spacing: -0.02em; }
+  .watching { min-height: 1.5em; color: var(--muted); font-size: 13px; white-space: nowrap; }
+  button { align-self: flex-start; margin-top: auto; border: 1px solid var(--accent); color: var(--accent);
+           background: #fff; border-radius: 8px; padding: 4px 14px; font: inherit; font-weight: 600;
+           cursor: pointer; }
   button:hover { background: var(--accent); color: #fff; }
   footer { margin-top: 32px; color: var(--muted); font-size: 14px; }
   code { background: var(--line); padding: 1px 5px; border-radius: 4px; font-size: 13px; }
+  #empty { color: var(--muted); }
+  #empty p { margin: 0 0 6px; }
+  #empty pre { margin: 0 0 16px; padding: 10px 12px; background: var(--line); border-radius: 8px;
+               color: var(--ink); font-size: 13px; white-space: pre-wrap; overflow-wrap: anywhere; }
 </style>
 </head>
 <body>
@@ -3115,19 +3137,32 @@ DEMO_PAGE = """<!doctype html>
   <h1>livecounter <span id="status" class="status">connecting</span></h1>
   <p class="lead"><span id="summary">Listing the counters…</span> <span id="counted"></span></p>
   <div id="counters"></div>
+  <div id="empty" hidden>
+    <p>Make one with a <code>POST</code> to its URL, if livecounter runs with <code>--auto-create</code>:</p>
+    <pre>curl -X POST <span class="url"></span></pre>
+    <p>or with a <code>PUT</code> of its value, if livecounter has an admin token
+      (<code>LIVECOUNTER_ADMIN_TOKEN</code>):</p>
+    <pre>curl -X PUT -H "Authorization: Bearer $$LIVECOUNTER_ADMIN_TOKEN" -d '{"value": 0}' <span class="url"></span></pre>
+    <p>In place of ID: $id_rule.</p>
+  </div>
   <footer><code>POST counters/{id}/</code> increments; <code>GET counters/{id}/</code> with
     <code>Accept: text/event-stream</code> watches. Add a live number to any page with
     <code>embed.js</code>. This page lists the counters again every 30 s.</footer>
 </main>
 <script>
 "use strict";
-""" + LIVE_SOURCE + """
+$live_source
 const SHOWN = 100;  // cards, over as many streams as their ids need (streamsOf)
 const RELIST = 30;  // seconds: how soon counters created (or deleted) elsewhere show here
 const grid = document.getElementById("counters");
 const status = document.getElementById("status");
 const summary = document.getElementById("summary");
+const empty = document.getElementById("empty");  // how to make a counter, shown while there is none
+empty.querySelectorAll(".url").forEach((url) => {  // as this page reaches it: any host, any prefix
+  url.textContent = new URL("counters/ID/", document.baseURI).href;
+});
 const cards = new Map();  // id -> {element, number, watching}; Maps: an id like "constructor" is just an id
+const grouped = new Intl.NumberFormat("en-US");  // 1,234,567 as badges show it, whatever the reader's locale
 let watched = null, ends = [];  // the ids of the cards' streams (joined), and what ends each
 let counted = false;
 
@@ -3140,7 +3175,7 @@ function card(id, value) {
   label.textContent = "counter " + id;
   const number = document.createElement("span");
   number.className = "value";
-  number.textContent = value;
+  showNumber(number, value);
   const watching = document.createElement("span");  // filled by the stream's first watchers event
   watching.className = "watching";
   const reading = document.createElement("div");
@@ -3154,10 +3189,15 @@ function card(id, value) {
   cards.set(id, {element, number, watching});
 }
 
+function showNumber(number, value) {  // its font shrinks with its --characters (the page's CSS)
+  number.textContent = grouped.format(value);
+  number.style.setProperty("--characters", number.textContent.length);
+}
+
 function show(id, value) {
   const shown = cards.get(id);
-  if (!shown || shown.number.textContent === String(value)) return;
-  shown.number.textContent = value;
+  if (!shown || shown.number.textContent === grouped.format(value)) return;
+  showNumber(shown.number, value);
   shown.element.classList.remove("changed");
   void shown.element.offsetWidth;  // restart the highlight
   shown.element.classList.add("changed");
@@ -3166,7 +3206,7 @@ function show(id, value) {
 
 function showWatchers(id, watchers) {  // no highlight: arrivals and departures aren't the counter's news
   const shown = cards.get(id);
-  if (shown) shown.watching.textContent = watchers + " watching";
+  if (shown) shown.watching.textContent = grouped.format(watchers) + " watching";
 }
 
 function count() {  // the page-view snippet, on counter 1 if it exists: after its first value, once
@@ -3207,8 +3247,8 @@ function say({state, seconds}) {
 function describe(total) {
   if (!total) return "No counters yet.";
   const counters = total === 1 ? "1 counter" : total + " counters";
-  return cards.size < total ? `${counters}, ${cards.size} of them shown (a stream takes at most ${SHOWN}).`
-    : `${counters}.`;
+  return cards.size < total ? `$${counters}, $${cards.size} of them shown (a stream takes at most $${SHOWN}).`
+    : `$${counters}.`;
 }
 
 function relist() {  // the cards that still exist stay; new counters fill the places up to SHOWN
@@ -3230,6 +3270,7 @@ function relist() {  // the cards that still exist stay; new counters fill the p
       });
       listed.forEach((value, id) => { if (cards.size < SHOWN && !cards.has(id)) card(id, value); });
       summary.textContent = describe(total);
+      empty.hidden = total > 0;
       const ids = [...cards.keys()];
       if (ids.join(",") !== watched) watch(ids);
     })
@@ -3241,9 +3282,10 @@ relist();
 </script>
 </body>
 </html>
-"""
+""")
 
-EMBED_SCRIPT = """/* livecounter embed: <span data-livecounter="2"></span> becomes counter 2's live value;
+EMBED_SCRIPT_TEMPLATE = string.Template("""\
+/* livecounter embed: <span data-livecounter="2"></span> becomes counter 2's live value;
    data-livecounter-count on it also counts this page view once (in each tab).
    <span data-livecounter-watchers="2"></span> becomes how many streams watch counter 2 now, this
    page's own among them. One stream per 100 counters (fewer if their ids are long: streamsOf),
@@ -3253,14 +3295,14 @@ EMBED_SCRIPT = """/* livecounter embed: <span data-livecounter="2"></span> becom
    script; included twice, the second copy finds every element taken (it has a state) and leaves it. */
 (function () {
   "use strict";
-""" + LIVE_SOURCE + """
+$live_source
   // Where it is served from: a module script has no currentScript, so then the <script> of .../embed.js
   var script = document.currentScript || [].filter.call(document.querySelectorAll("script[src]"), function (s) {
-    return /\\/embed\\.js([?#]|$)/.test(s.src);
+    return /\\/embed\\.js([?#]|$$)/.test(s.src);
   })[0];
   if (!script) throw new Error('livecounter: include it as <script src=".../embed.js">');
   var base = new URL("counters/", script.src).href;
-  var VALID = /^(?!\\.+$)[A-Za-z0-9._-]{1,64}$/;  // the server's rule: not only dots
+  var VALID = $valid_id;  // the server's rule, ID_PATTERN: not only dots
   // Tabs of this origin that show the same counters share their streams: over HTTP/1.1 a browser
   // opens at most six connections to a host and each stream holds one, so a seventh tab would wait
   // for ever. Each stream has a Web Lock and a BroadcastChannel named after its URL: the tab holding
@@ -3382,7 +3424,20 @@ EMBED_SCRIPT = """/* livecounter embed: <span data-livecounter="2"></span> becom
   if (document.readyState === "loading") document.addEventListener("DOMContentLoaded", start);
   else start();
 })();
-"""
+""")
+
+
+def javascript_regex(pattern: str) -> str:
+    """A JavaScript RegExp (an expression) that takes a whole string as re.fullmatch(pattern) does, for
+    a pattern in the syntax both share (ID_PATTERN's: test_livecounter.py runs it in node). Made from
+    a string literal, JSON's escapes being JavaScript's: a regex literal would end at the "/"."""
+    return f"new RegExp({json.dumps(f'^(?:{pattern})$')})"
+
+
+# Rendered once, at import. embed.js checks ids by the route's own pattern: the two can't disagree.
+LIVE_SOURCE = LIVE_SOURCE_TEMPLATE.substitute(stream_ids=MAX_STREAM_IDS, stream_query=STREAM_QUERY_MAX)
+DEMO_PAGE = DEMO_PAGE_TEMPLATE.substitute(live_source=LIVE_SOURCE, id_rule=html.escape(ID_RULE))
+EMBED_SCRIPT = EMBED_SCRIPT_TEMPLATE.substitute(live_source=LIVE_SOURCE, valid_id=javascript_regex(ID_PATTERN))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -787,6 +787,53 @@ async def test_embed_js_is_served_to_any_origin(client):
     assert "data-livecounter" in await response.text()
 
 
+def node() -> str:
+    """Node.js, to run the pages' JavaScript: skipped without it, failed under CI (.ci/run installs it)."""
+    path = shutil.which("node")
+    if path is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("node is missing: .ci/run installs it (apt-get install nodejs)")
+        pytest.skip("needs node: apt-get install nodejs")
+    return path
+
+
+# Ids on either side of each part of the rule, and characters a regex dialect might read differently:
+# "$" before a final newline (Python's), a "/" in the route's lookahead, non-ASCII letters and digits.
+TRICKY_IDS = ["1", "a", "A-Z_0.9", "x" * 64, "x" * 65, "-", "_", "", ".", "..", "...", "." * 64, "." * 65,
+              ".a", "a.", "..a", "a..", "._", "a/b", "/", "./", "../", "..\n", ".\n", "a\n", "\n", "a b",
+              "a%2F", "é", "\u212a", "\uff41", "\u0661", "a\u2028", "a\x00"]
+
+
+async def test_embed_js_takes_the_ids_the_server_takes(client):
+    script = await (await client.get("/embed.js")).text()
+    valid = re.search(r"^ *var VALID = (.+?);  //", script, re.M).group(1)
+    tested = subprocess.run(
+        [node(), "-e", f"const VALID = {valid};\n"
+                       "const ids = JSON.parse(require('fs').readFileSync(0, 'utf8'));\n"
+                       "process.stdout.write(JSON.stringify(ids.map((id) => VALID.test(id))));"],
+        input=json.dumps(TRICKY_IDS), capture_output=True, text=True, timeout=30)
+    assert tested.returncode == 0, tested.stderr
+    taken_by_embed_js = dict(zip(TRICKY_IDS, json.loads(tested.stdout)))
+    taken_by_server = {counter_id: bool(livecounter.COUNTER_ID.fullmatch(counter_id)) for counter_id in TRICKY_IDS}
+    assert taken_by_embed_js == taken_by_server
+    assert taken_by_server["x" * 64] and not taken_by_server[".."]  # the rule as the README states it
+
+
+async def test_the_pages_scripts_are_valid_javascript(client, tmp_path):
+    page = await (await client.get("/", headers={"Accept": "text/html"})).text()
+    inline = re.findall(r"<script>(.*?)</script>", page, re.S)
+    assert len(inline) == 1
+    scripts = {"demo page": inline[0], "embed.js": await (await client.get("/embed.js")).text()}
+    # Each as a classic script and as a module (embed.js is both): node reads .mjs as a module,
+    # which also refuses what its CommonJS wrapper would let pass (a "return" outside a function).
+    for name, script in scripts.items():
+        for extension in ("cjs", "mjs"):
+            path = tmp_path / f"script.{extension}"
+            path.write_text(script)
+            checked = subprocess.run([node(), "--check", str(path)], capture_output=True, text=True, timeout=30)
+            assert checked.returncode == 0, f"{name} as .{extension}: {checked.stderr}"
+
+
 async def test_pages_and_operator_endpoints_work_with_a_trailing_slash_too(client):
     for path in ("/healthz", "/metrics", "/embed.js"):
         plain, slashed = await client.get(path), await client.get(path + "/")

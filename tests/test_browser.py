@@ -76,11 +76,12 @@ def other_origin(aiohttp_server):
     return serve
 
 
-async def open_page(browser, url, errors, *, fake_clock=False, requests=None):
+async def open_page(browser, url, errors, *, fake_clock=False, requests=None, viewport=None):
     """A new page of url (browser: a Browser, each page in a context of its own, or a BrowserContext,
     whose pages share an origin's storage, locks and connections); with fake_clock the test moves the
-    page's timers on (page.clock); the URL of every request it makes is appended to requests."""
-    page = await browser.new_page()
+    page's timers on (page.clock); the URL of every request it makes is appended to requests; viewport
+    ({"width": …, "height": …}) in place of Playwright's 1280×720."""
+    page = await browser.new_page(**({"viewport": viewport} if viewport else {}))
     page.on("console", lambda message: message.type == "error" and errors.append(message.text))
     page.on("pageerror", lambda error: errors.append(str(error)))
     if requests is not None:
@@ -184,6 +185,55 @@ async def test_the_demo_page_shows_how_many_watch_each_counter_live(browser, cou
     assert errors == []
 
 
+# What the demo page must hold: a short value, a three-digit one (which "N watching" used to sit
+# beside or wrap under, by value) and a seven-digit one (which ran out of its card at 1280 px).
+REAL_NUMBERS = {"likes": 42, "signups": 987, "home": 1234567}
+
+# Each card's box, and the boxes of what it shows: the element's and its text's (a Range), since a
+# block keeps its card's width while its text runs out of it.
+CARD_BOXES = """[...document.querySelectorAll(".counter")].map((card) => {
+    const box = (rect) => ({left: rect.left, top: rect.top, right: rect.right, bottom: rect.bottom});
+    const shown = [...card.querySelectorAll(".id, .value, .watching, button")].flatMap((element) => {
+        const text = document.createRange();
+        text.selectNodeContents(element);
+        return [{what: element.className || element.tagName, ...box(element.getBoundingClientRect())},
+                {what: (element.className || element.tagName) + " text", ...box(text.getBoundingClientRect())}];
+    });
+    return {id: card.dataset.id, card: box(card.getBoundingClientRect()), shown,
+            button: card.querySelector("button").getBoundingClientRect().top};
+})"""
+
+
+@pytest.mark.parametrize("viewport", [{"width": 1280, "height": 800}, {"width": 390, "height": 844}],
+                         ids=["1280px", "390px"])
+async def test_the_demo_page_keeps_real_numbers_inside_their_cards_and_lines_up_the_buttons(
+        browser, start_counter_server, viewport):
+    counter_url = await start_counter_server(REAL_NUMBERS)
+    errors = []
+    page = await open_page(browser, counter_url, errors, viewport=viewport)
+    await shows(page, "[data-id='home'] .value", "1,234,567")  # grouped as the badge groups it
+    await shows(page, "[data-id='signups'] .value", "987")
+    await shows(page, ".counter .watching", "1 watching")
+    await page.wait_for_timeout(100)  # any reflow after the last text settles
+    cards = await page.evaluate(CARD_BOXES)
+    assert len(cards) == 3
+    for card in cards:
+        for shown in card["shown"]:
+            outside = [side for side in ("left", "top") if shown[side] < card["card"][side] - 0.5] + [
+                side for side in ("right", "bottom") if shown[side] > card["card"][side] + 0.5]
+            assert not outside, f"{card['id']}'s {shown['what']} leaves its card on the {outside}: {shown} in {card['card']}"
+    rows = {}
+    for card in cards:
+        rows.setdefault(round(card["card"]["top"]), []).append(card)
+    assert any(len(row) > 1 for row in rows.values()), "one card a row: the buttons' line-up goes untested"
+    for row in rows.values():
+        assert len({round(card["button"], 1) for card in row}) == 1, [(card["id"], card["button"]) for card in row]
+
+    await page.click("[data-id='home'] button")  # a live change is grouped too
+    await shows(page, "[data-id='home'] .value", "1,234,568")
+    assert errors == []
+
+
 async def test_embed_js_shows_and_counts_on_another_origin(browser, counter_url, other_origin):
     blog = await other_origin(f"""<!doctype html><title>blog</title><body>
         <p>views: <span id="views" data-livecounter="2" data-livecounter-count>…</span></p>
@@ -277,15 +327,33 @@ async def test_ids_named_like_object_members_are_counted_and_shown(browser, star
     assert uncaught(errors) == []
 
 
-async def test_the_demo_page_with_no_counters_says_so_and_counts_nothing(browser, start_counter_server):
-    counter_url = await start_counter_server({}, auto_create=True)  # a POST to counter 1 would make it
+async def test_the_demo_page_with_no_counters_says_so_and_how_to_make_one(browser, start_counter_server):
+    # A POST to counter 1 would make it; the admin token lets the page's PUT command work too.
+    counter_url = await start_counter_server({}, auto_create=True, admin_token="secret")
     errors = []
-    page = await open_page(browser, counter_url, errors)
+    page = await open_page(browser, counter_url, errors, fake_clock=True)
     await shows(page, "#status", "idle")
     await asyncio.sleep(0.5)
     assert "counted" not in await page.inner_text("main")
     assert await counters_of(counter_url) == {}
     await shows(page, "#summary", "No counters yet.")
+    hint = await page.inner_text("#empty")
+    assert "--auto-create" in hint
+    assert f"curl -X POST {counter_url}counters/ID/" in hint
+    put = f"""curl -X PUT -H "Authorization: Bearer $LIVECOUNTER_ADMIN_TOKEN" -d '{{"value": 0}}' {counter_url}counters/ID/"""
+    assert put in hint
+
+    # The command as shown, run in a shell with the token set, makes counter ID; the page shows it
+    # at its next listing, and the hint is gone.
+    shell = await asyncio.create_subprocess_exec(
+        "bash", "-c", put, env={**os.environ, "LIVECOUNTER_ADMIN_TOKEN": "secret"},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    output, _ = await shell.communicate()
+    assert (shell.returncode, output) == (0, b"0\n")
+    await page.clock.fast_forward("00:31")
+    await shows(page, "[data-id='ID'] .value", "0")
+    await shows(page, "#summary", "1 counter.")
+    assert not await page.is_visible("#empty")
     assert uncaught(errors) == []
 
 
