@@ -50,6 +50,7 @@ import itertools
 import json
 import logging
 import math
+import operator
 import os
 import random
 import re
@@ -353,17 +354,22 @@ def chunk(payload: bytes) -> bytes:
     return b"%x\r\n%s\r\n" % (len(payload), payload)
 
 
-class Key(NamedTuple):
-    """A channel: a counter's values, or (watchers=True) its watcher count. Ids are letters, digits,
+class Key(tuple):
+    """A channel: a counter's values, Key((id, False)), or its watcher count, Key((id, True)). Made
+    with tuple's own constructor, the cheapest there is: a POST makes one. Ids are letters, digits,
     '.', '_' and '-': nothing in them needs escaping in JSON, a path or a Pushpin channel name."""
 
-    counter_id: str
-    watchers: bool = False
+    __slots__ = ()
+    counter_id: str = property(operator.itemgetter(0))  # type: ignore[assignment]
+    watchers: bool = property(operator.itemgetter(1))  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"Key(({self[0]!r}, {self[1]!r}))"
 
     @property
     def count(self) -> Key:
         """The channel of this counter's watcher count."""
-        return Key(self.counter_id, True)
+        return Key((self.counter_id, True))
 
     def frames(self, value: int) -> Frames:
         """The channel's value in every style. A watcher count is a "message" event on a single
@@ -393,9 +399,9 @@ class Key(NamedTuple):
         none of livecounter's."""
         for watchers in (False, True):
             for multi in (False, True):
-                prefix = cls("", watchers).grip_channel(multi)
+                prefix = cls(("", watchers)).grip_channel(multi)
                 if channel.startswith(prefix) and COUNTER_ID.fullmatch(channel[len(prefix):]):
-                    return cls(channel[len(prefix):], watchers), multi
+                    return cls((channel[len(prefix):], watchers)), multi
         return None
 
 
@@ -418,34 +424,49 @@ class ChangeFeed:
 
     def __init__(self) -> None:
         self._receivers: list[Receiver] = []
+        self._deletion_receivers: list[Receiver] = []
         self._failed: set[Receiver] = set()  # receivers that raised: logged once each
         self._keeper: Journal | None = None
         self._held_until_kept = False
 
-    def register(self, receiver: Receiver) -> None:
-        self._receivers.append(receiver)
+    def register(self, receiver: Receiver, *, deletions_only: bool = False) -> None:
+        """receiver hears of every change, or (deletions_only) only that a counter is gone."""
+        (self._deletion_receivers if deletions_only else self._receivers).append(receiver)
 
     def keep_with(self, keeper: Journal, *, durable: bool) -> None:
         self._keeper = keeper
         self._held_until_kept = durable
 
     def changed(self, key: Key, value: int | None) -> None:
-        if self._keeper is not None and not key.watchers:
-            self._keeper.record(key.counter_id, value)
+        """A change the store (or presence) made. Every POST passes here: key[0] is its counter id,
+        key[1] whether it is a watcher count, and the receivers are called without release()."""
+        if self._keeper is not None and not key[1]:
+            self._keeper.record(key[0], value)
             if self._held_until_kept:
                 return  # the keeper releases it once it is on disk
-        self.release(key, value)
-
-    def release(self, key: Key, value: int | None) -> None:
+        if value is None:
+            self.release(key, None)
+            return
         for receiver in self._receivers:
             try:
                 receiver(key, value)
             except Exception:  # noqa: BLE001 - a bug in one receiver must not keep a change from the others
-                if receiver not in self._failed:
-                    self._failed.add(receiver)
-                    log.exception("%s failed on a change of %s (logged once)", receiver.__qualname__, key)
+                self._failed_once(receiver, key)
+
+    def release(self, key: Key, value: int | None) -> None:
+        """Pass a change to every receiver (the keeper's, once it holds it)."""
+        for receiver in self._receivers if value is not None else self._receivers + self._deletion_receivers:
+            try:
+                receiver(key, value)
+            except Exception:  # noqa: BLE001 - a bug in one receiver must not keep a change from the others
+                self._failed_once(receiver, key)
         if value is None and not key.watchers:  # a counter gone: its watcher count goes with it
             self.release(key.count, None)
+
+    def _failed_once(self, receiver: Receiver, key: Key) -> None:
+        if receiver not in self._failed:
+            self._failed.add(receiver)
+            log.exception("%s failed on a change of %s (logged once)", receiver.__qualname__, key)
 
 
 # How fast a channel's changes fan out (to streams, to Pushpin, as watcher counts) is one policy:
@@ -575,20 +596,20 @@ class CounterStore:
             raise OverflowError(counter_id)
         values[counter_id] = value
         self.increments += 1
-        self._feed.changed(Key(counter_id), value)
+        self._feed.changed(Key((counter_id, False)), value)
         return value
 
     def set(self, counter_id: str, value: int) -> None:
         """Set (and create) a counter; the caller checked that value is within ±MAX_VALUE."""
         self._made_or_deleted += counter_id not in self._values
         self._values[counter_id] = value
-        self._feed.changed(Key(counter_id), value)
+        self._feed.changed(Key((counter_id, False)), value)
 
     def delete(self, counter_id: str) -> None:
         """Remove a counter; KeyError if unknown."""
         del self._values[counter_id]
         self._made_or_deleted += 1
-        self._feed.changed(Key(counter_id), None)
+        self._feed.changed(Key((counter_id, False)), None)
 
     def __len__(self) -> int:
         return len(self._values)
@@ -909,6 +930,9 @@ class Journal:
         self._torn = False  # an append failed and could not be cut off: the next save compacts
         self._compaction: asyncio.Task[None] | None = None
         self.saving = Outage(f"saving {path}")
+        # Durable mode takes no change it can't write: why, while saves fail (an attribute, read by
+        # every POST).
+        self.refusing: str | None = None
         # For /metrics:
         self.saves = 0
         self.save_failures = 0
@@ -924,13 +948,13 @@ class Journal:
         return self.saving.error
 
     def record(self, counter_id: str, value: int | None) -> None:
-        """The feed's keeper: a counter's change, to be saved."""
-        self._unsaved[counter_id] = value
-        self._due.set()
+        """The feed's keeper: a counter's change, to be saved. (A change waiting means a save is due
+        already: the event is set only by the first of them, as every POST passes here.)"""
+        unsaved = self._unsaved
+        if not unsaved:
+            self._due.set()
+        unsaved[counter_id] = value
 
-    def refusal(self) -> str | None:
-        """Durable mode takes no change it can't write: why not, while saves fail."""
-        return self.saving.error if self._durable else None
 
     async def kept(self) -> None:
         """Durable mode: return once every change made before this call is on disk, and released.
@@ -1066,6 +1090,7 @@ class Journal:
     def _save_failed(self, error: Exception, waiting: list[asyncio.Future[None]]) -> None:
         self._due.set()
         self.saving.failed(failure_reason(error), unexpected=unexpected(error))
+        self.refusing = self.saving.error if self._durable else None
         self.save_failures += 1
         for waiter in waiting:
             if not waiter.done():
@@ -1074,9 +1099,10 @@ class Journal:
     def _save_succeeded(self, batch: dict[str, int | None], waiting: list[asyncio.Future[None]]) -> None:
         self.last_saved_at = time.time()
         self.saving.succeeded()
+        self.refusing = None
         if self._durable:
             for counter_id, value in batch.items():  # on disk: the other receivers hear of them now
-                self._feed.release(Key(counter_id), value)
+                self._feed.release(Key((counter_id, False)), value)
         self._acknowledge(waiting)
 
     @staticmethod
@@ -1443,7 +1469,7 @@ class ListenerHub:
 
     def watchers(self, counter_id: str) -> int:
         """How many streams here carry the counter's values (not its watcher count)."""
-        channel = self._channels.get(Key(counter_id))
+        channel = self._channels.get(Key((counter_id, False)))
         return len(channel) if channel is not None else 0
 
     def close(self) -> None:
@@ -1528,7 +1554,7 @@ class Presence:
         else:  # a counter nobody watches takes no memory
             del self._sent[counter_id]
         self._paces.went(counter_id, WATCHERS_COST, time.monotonic())
-        self._feed.changed(Key(counter_id, True), count)
+        self._feed.changed(Key((counter_id, True)), count)
 
     def heard(self, key: Key, value: int | None) -> None:
         """The feed's receiver: a deleted counter's count is forgotten (made again, it counts from 0)."""
@@ -2465,7 +2491,7 @@ async def get_counter(request: web.Request) -> web.StreamResponse:
     media_type = preferred_format(request)
     if media_type != "text/event-stream":
         return value_response(request, counter_id, "value", request.app[STORE].value(counter_id), media_type)
-    return await stream(request, [Key(counter_id)], multi=False)
+    return await stream(request, [Key((counter_id, False))], multi=False)
 
 
 async def get_watchers(request: web.Request) -> web.StreamResponse:
@@ -2475,7 +2501,7 @@ async def get_watchers(request: web.Request) -> web.StreamResponse:
     counter_id = readable_counter_id(request)
     media_type = preferred_format(request)
     if media_type == "text/event-stream":
-        return await stream(request, [Key(counter_id, True)], multi=False)
+        return await stream(request, [Key((counter_id, True))], multi=False)
     return value_response(request, counter_id, "watchers", request.app[PRESENCE].count(counter_id), media_type)
 
 
@@ -2654,8 +2680,8 @@ def increment_handler(app: web.Application) -> Handler:
 
 def refuse_while_saves_fail(journal: Journal) -> None:
     """Durable mode takes no change it can't write: while saves fail, 503 instead of a lost ack."""
-    if reason := journal.refusal():
-        retry_later(web.HTTPServiceUnavailable, reason, LAST_RETRY_DELAY)
+    if journal.refusing:
+        retry_later(web.HTTPServiceUnavailable, journal.refusing, LAST_RETRY_DELAY)
 
 
 async def kept(journal: Journal) -> None:
@@ -2792,7 +2818,7 @@ async def stream_counters(request: web.Request) -> web.StreamResponse:
             abort(web.HTTPBadRequest, f"invalid counter id {counter_id!r}: {ID_RULE}")
         if not store.readable(counter_id):
             unknown_counter(counter_id)
-    keys = [Key(counter_id) for counter_id in counter_ids]
+    keys = [Key((counter_id, False)) for counter_id in counter_ids]
     if watchers == "1":
         keys += [key.count for key in keys]
     return await stream(request, keys, multi=True)
@@ -2926,7 +2952,7 @@ def create_app(data_path: str | os.PathLike[str] = Settings.data_path, **options
     if settings.durable:
         feed.register(store.heard)  # what new streams start from: values on disk
     feed.register(hub.changed)
-    feed.register(presence.heard)
+    feed.register(presence.heard, deletions_only=True)
     for sender in (purger, grip):
         if sender is not None:
             feed.register(sender.changed)

@@ -16,7 +16,7 @@ from livecounter import DataFileError, Key, Pace, Paces, PublishPacing, Settings
 # --- channel keys ----------------------------------------------------------------------------------
 
 def test_a_key_names_its_channel_everywhere_a_change_goes():
-    value, count = Key("blog.post-1"), Key("blog.post-1", True)
+    value, count = Key(("blog.post-1", False)), Key(("blog.post-1", True))
     assert value.count == count and count.count == count
     message, named = b"event: message\ndata: 27\n\n", b'event: counter\ndata: {"id": "blog.post-1", "value": 27}\n\n'
     assert value.frames(27) == (message, b"19\r\n" + message + b"\r\n", named, b"39\r\n" + named + b"\r\n")
@@ -27,8 +27,8 @@ def test_a_key_names_its_channel_everywhere_a_change_goes():
         "counter-blog.post-1", "counters:blog.post-1", "watchers-blog.post-1", "watchers:blog.post-1"]
 
 
-@pytest.mark.parametrize("key", [Key("2"), Key("2", True), Key("counter-2"), Key("watchers-x", True), Key("-"),
-                                 Key("counters"), Key("a" * 64, True)])
+@pytest.mark.parametrize("key", [Key(("2", False)), Key(("2", True)), Key(("counter-2", False)), Key(("watchers-x", True)), Key(("-", False)),
+                                 Key(("counters", False)), Key(("a" * 64, True))])
 @pytest.mark.parametrize("multi", [False, True])
 def test_a_grip_channel_names_exactly_one_key(key, multi):
     assert Key.of_grip_channel(key.grip_channel(multi)) == (key, multi)
