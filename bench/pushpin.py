@@ -12,6 +12,7 @@ private Pushpin answers 502 to about a hundred first requests at once.
 
 import asyncio
 import os
+import random
 import shutil
 import statistics
 import sys
@@ -87,6 +88,93 @@ async def main(count: int) -> None:
           "| livecounter RSS per listener | Pushpin RSS per listener |")
     print("|---|---|---|---|---|---|")
     print("\n".join(rows))
+
+
+async def race(workdir: Path, rounds: int, streams: int = 150, posters: int = 8, seconds: float = 3.0) -> dict:
+    """9: the race of tests/test_pushpin.py as a figure, with livecounter's defaults (uvloop) behind a
+    private Pushpin from the shipped config: `streams` streams open through Pushpin (10 every 0.2 s)
+    while `posters` clients POST to one counter as fast as they can; how many streams have the
+    final value 2 s after the last POST, and how long until all of them do (15 s at most)."""
+    import aiohttp
+    from tests.test_pushpin import SIG_KEY
+    runs: dict[str, list[float]] = {}
+    for round_ in range(rounds):
+        directory = workdir / f"race-{round_}"
+        (directory / "pushpin").mkdir(parents=True)
+        port = run.free_port()
+        pushpin = await Pushpin(directory / "pushpin", port).start()
+        server = run.livecounter("uvloop", directory, "--grip-url", pushpin.grip_url, "--grip-key", SIG_KEY, port=port)
+        try:
+            async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+                final, posting, latest = 0, True, {}
+
+                async def post() -> None:
+                    nonlocal final
+                    while posting:
+                        async with session.post(server.url("/counters/3/")) as response:
+                            final = max(final, int(await response.text()))
+
+                async def follow(number: int) -> None:
+                    async with session.get(f"{pushpin.url}/counters/3/", headers={"Accept": "text/event-stream"}) as response:
+                        while block := await response.content.readuntil(b"\n\n"):
+                            if b"data: " in block:
+                                latest[number] = int(block.rpartition(b"data: ")[2])
+                posts = [asyncio.create_task(post()) for _ in range(posters)]
+                readers = []
+                for wave in range(streams // 10):
+                    readers += [asyncio.create_task(follow(wave * 10 + n)) for n in range(10)]
+                    await asyncio.sleep(seconds / (streams // 10))
+                posting = False
+                await asyncio.gather(*posts)
+                stopped = time.monotonic()
+                await asyncio.sleep(2)
+                runs.setdefault("current at 2 s", []).append(sum(value == final for value in latest.values()))
+                while time.monotonic() - stopped < 15 and not (len(latest) == streams and set(latest.values()) == {final}):
+                    await asyncio.sleep(0.05)
+                runs.setdefault("all current after", []).append(time.monotonic() - stopped)
+                for reader in readers:
+                    reader.cancel()
+                await asyncio.gather(*readers, return_exceptions=True)
+        finally:
+            server.stop()
+            await pushpin.stop()
+            pushpin.kill()
+    return {"streams": streams, "current at 2 s": min(runs["current at 2 s"]),
+            "all current after": max(runs["all current after"])}
+
+
+async def calm_latency(workdir: Path, streams: int, changes: int) -> dict:
+    """9b: a calm counter's change, a change every 0.1–0.3 s, to `streams` streams held by a private
+    Pushpin and as many held by livecounter itself: the time from each POST until the last stream of
+    each kind had its value (medians and the slowest)."""
+    directory = workdir / "calm"
+    (directory / "pushpin").mkdir(parents=True)
+    port = run.free_port()
+    pushpin = await Pushpin(directory / "pushpin", port).start()
+    server = run.livecounter("uvloop", directory, "--grip-url", pushpin.grip_url, port=port)
+    try:
+        held = run.Listeners(type("Target", (), {"port": pushpin.http_port, "stream_path": "/counters/2/"}),
+                             streams, wave=20)
+        direct = run.Listeners(type("Target", (), {"port": port, "stream_path": "/counters/2/"}), streams)
+        time.sleep(1.5)  # past the hints and next-link fetches of the streams' arrival
+        times: dict[str, list[float]] = {"through Pushpin": [], "direct": []}
+        for value in range(1, changes + 1):
+            time.sleep(random.uniform(0.1, 0.3))
+            held.expect(value)
+            direct.expect(value)
+            time.sleep(0.01)  # the listener processes read the command before the change comes
+            sent = time.monotonic()
+            run.post(server.url("/counters/2/"))
+            times["through Pushpin"].append(held.reached(value) - sent)
+            times["direct"].append(direct.reached(value) - sent)
+        held.close()
+        direct.close()
+    finally:
+        server.stop()
+        await pushpin.stop()
+        pushpin.kill()
+    return {"streams": streams} | {f"{kind} median ms": 1000 * statistics.median(values) for kind, values in times.items()} \
+        | {f"{kind} max ms": 1000 * max(values) for kind, values in times.items()}
 
 
 if __name__ == "__main__":
