@@ -122,11 +122,12 @@ def port_open(port: int) -> bool:
 
 
 @contextlib.asynccontextmanager
-async def behind_varnish(tmp_path, data_file, *args, params=None):
-    """livecounter (python livecounter.py --purge-url <the Varnish> and args) behind a private
-    Varnish running the shipped VCL: (origin, varnish). No varnishd outlives its test."""
+async def behind_varnish(tmp_path, data_file, *args, params=None, env=None):
+    """livecounter (python livecounter.py --purge-url <the Varnish> and args, env added to its
+    environment) behind a private Varnish running the shipped VCL: (origin, varnish). No varnishd
+    outlives its test."""
     need_varnishd()
-    origin = Server(data_file)
+    origin = Server(data_file, env=env)
     varnish = Varnish(tmp_path / "varnish", origin.port, params)
     try:
         origin.args += ["--purge-url", varnish.purge_url, *args]
@@ -265,6 +266,99 @@ async def test_json_and_plain_reads_are_separate_variants_and_both_purged(setup)
         await fresh_within(session, url, b'{"id": "5", "value": 1}', JSON)
         await fresh_within(session, url, b"1\n")
     assert await settled_requests(origin, "/counters/5/") == 4
+
+
+ADMIN_TOKEN = "admin-token-for-the-test"
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+
+def derived_reads(counter_id: str, value: int | None) -> dict[str, tuple[int, bytes | None]]:
+    """What each path derived from a counter answers while the counter has value (None: it doesn't
+    exist, a 404 whatever the body) and nobody watches it: (status, the whole body of a text answer,
+    or what an SVG badge holds)."""
+    paths = (f"/counters/{counter_id}/", f"/counters/{counter_id}/watchers/", f"/counters/{counter_id}/badge.svg",
+             f"/counters/{counter_id}/watchers/badge.svg")
+    if value is None:
+        return dict.fromkeys(paths, (404, None))
+    return {f"/counters/{counter_id}/": (200, b"%d\n" % value),
+            f"/counters/{counter_id}/watchers/": (200, b"0\n"),
+            f"/counters/{counter_id}/badge.svg": (200, b'aria-label="views: %d"' % value),
+            f"/counters/{counter_id}/watchers/badge.svg": (200, b'aria-label="watching: 0"')}
+
+
+async def read_through(session, url) -> tuple[int, bytes]:
+    async with session.get(url) as response:
+        return response.status, await response.read()
+
+
+def shows(path: str, answer: tuple[int, bytes], wanted: tuple[int, bytes | None]) -> bool:
+    """Whether answer (status, body) is what derived_reads says path answers."""
+    (status, body), (wanted_status, wanted_body) = answer, wanted
+    if status != wanted_status or wanted_body is None:
+        return status == wanted_status
+    return wanted_body in body if path.endswith(".svg") else body == wanted_body
+
+
+async def all_read_within(session, base_url, expected: dict[str, tuple[int, bytes | None]], since: float,
+                          seconds=1.0) -> None:
+    """Read each path through the cache until it answers what expected says, every one within
+    seconds of since (time.monotonic(): when the change was answered); else name those still stale."""
+    stale = dict.fromkeys(expected)
+    while True:
+        for path in list(stale):
+            stale[path] = await read_through(session, base_url + path)
+            if shows(path, stale[path], expected[path]):
+                del stale[path]
+        if not stale:
+            return
+        assert time.monotonic() - since < seconds, f"{seconds} s after the change, still stale: " + "; ".join(
+            f"{path} answers {status} {body[:40]!r}, not {expected[path]}" for path, (status, body) in stale.items())
+        await asyncio.sleep(0.01)
+
+
+async def test_every_path_of_a_counter_is_fresh_within_a_second_of_its_creation_change_and_deletion(
+        tmp_path, data_file):
+    # An error a cache kept (a 404 the counter's creation doesn't purge) would answer for Varnish's
+    # default TTL, 120 s: the value, its watcher count and both badges must all follow the counter.
+    async with behind_varnish(tmp_path, data_file, env={"LIVECOUNTER_ADMIN_TOKEN": ADMIN_TOKEN}) as (origin, varnish):
+        async with aiohttp.ClientSession() as session:
+            for path, wanted in derived_reads("new", None).items():
+                for _ in range(2):  # the second read would be a hit, had the first been stored
+                    assert shows(path, await read_through(session, varnish.url + path), wanted), path
+
+            async def change(method, **kwargs):
+                async with session.request(method, f"{origin.url}/counters/new/", headers=ADMIN, **kwargs) as response:
+                    assert response.status == (204 if method == "DELETE" else 200), await response.text()
+                return time.monotonic()
+
+            made = await change("PUT", json={"value": 7})
+            await all_read_within(session, varnish.url, derived_reads("new", 7), made)
+
+            incremented = await change("POST")
+            value_reads = derived_reads("new", 8)
+            await all_read_within(session, varnish.url, {path: value_reads[path] for path in
+                                                         ("/counters/new/", "/counters/new/badge.svg")}, incremented)
+
+            deleted = await change("DELETE")
+            await all_read_within(session, varnish.url, derived_reads("new", None), deleted)
+            for path, wanted in derived_reads("new", None).items():  # twice more each, as before it was made
+                for _ in range(2):
+                    assert shows(path, await read_through(session, varnish.url + path), wanted), path
+
+            made_again = await change("PUT", json={"value": 3})
+            await all_read_within(session, varnish.url, derived_reads("new", 3), made_again)
+
+
+async def test_a_read_of_an_id_auto_create_would_make_is_fresh_within_a_second_of_its_creation(
+        tmp_path, data_file):
+    async with behind_varnish(tmp_path, data_file, "--auto-create") as (origin, varnish):
+        url = f"{varnish.url}/counters/anon/"
+        async with aiohttp.ClientSession() as session:
+            for _ in range(2):  # the second read would be a hit, had the first been stored
+                assert await read_value(session, url) == b"0\n"
+            async with session.post(f"{origin.url}/counters/anon/") as response:
+                assert await response.text() == "1\n"  # made, and counted
+            await fresh_within(session, url, b"1\n", seconds=1.0)
 
 
 async def test_a_purge_from_elsewhere_is_refused(setup):
