@@ -45,6 +45,7 @@ import functools
 import gc
 import hmac
 import html
+import inspect
 import ipaddress
 import itertools
 import json
@@ -529,11 +530,18 @@ class CounterLimitReached(Exception):
     """Auto-create would pass --max-counters."""
 
 
+class Unavailable(Exception):
+    """The store can't take a change now (durable saves fail, Redis is down): the message says why,
+    and the change is not acknowledged."""
+
+
 LISTING_SEARCH = 25_000  # ids searched at a time for a page's after= (a few ms of the loop)
 
 
 class CounterStore:
-    """Counter values in memory. Each change goes to the feed. In durable mode streams hear only of
+    """Counter values in memory. Each change goes to the feed. A write answers the new value, or in
+    durable mode an awaitable of it, done once the journal holds the change (see kept_by): the
+    handlers await what is awaitable, whatever the store. In durable mode streams hear only of
     values on disk: `announced` follows the feed (see heard), and new streams start from it."""
 
     def __init__(self, counters: dict[str, int], feed: ChangeFeed, *, auto_create: bool, max_counters: int,
@@ -542,8 +550,9 @@ class CounterStore:
         self._feed = feed
         self._auto_create = auto_create
         self._max_counters = max_counters
-        self.durable = durable
+        self._kept: Callable[[], Awaitable[None]] | None = None  # durable mode: what an answer waits for
         self._announced = dict(counters) if durable else counters  # the values listeners know
+        self.refusing: str | None = None  # why it takes no change now (read by every write, up front)
         # For pages of the listing: the ids in order, copied when a page needs them after counters
         # were made or deleted (made_or_deleted counts those).
         self._listed: tuple[int, list[str]] | None = None
@@ -582,9 +591,20 @@ class CounterStore:
         else:
             self._announced[key.counter_id] = value
 
-    def increment(self, counter_id: str) -> int:
-        """Add one and return the new value. Unknown: KeyError, or created at 0 under auto-create
-        (CounterLimitReached past max_counters). OverflowError past MAX_VALUE."""
+    def kept_by(self, kept: Callable[[], Awaitable[None]]) -> None:
+        """Durable mode: every write's answer waits for kept() (the journal's group commit)."""
+        self._kept = kept
+
+    async def _once_kept(self, answer: Any) -> Any:
+        try:
+            await self._kept()
+        except SaveFailed as failure:
+            raise Unavailable(str(failure)) from None
+        return answer
+
+    def increment(self, counter_id: str) -> int | Awaitable[int]:
+        """Add one: the new value (or an awaitable of it, see kept_by). Unknown: KeyError, or created
+        at 0 under auto-create (CounterLimitReached past max_counters). OverflowError past MAX_VALUE."""
         values = self._values
         if counter_id not in values and self._auto_create:
             if len(values) >= self._max_counters:
@@ -597,19 +617,21 @@ class CounterStore:
         values[counter_id] = value
         self.increments += 1
         self._feed.changed(Key((counter_id, False)), value)
-        return value
+        return value if self._kept is None else self._once_kept(value)
 
-    def set(self, counter_id: str, value: int) -> None:
+    def set(self, counter_id: str, value: int) -> int | Awaitable[int]:
         """Set (and create) a counter; the caller checked that value is within ±MAX_VALUE."""
         self._made_or_deleted += counter_id not in self._values
         self._values[counter_id] = value
         self._feed.changed(Key((counter_id, False)), value)
+        return value if self._kept is None else self._once_kept(value)
 
-    def delete(self, counter_id: str) -> None:
+    def delete(self, counter_id: str) -> None | Awaitable[None]:
         """Remove a counter; KeyError if unknown."""
         del self._values[counter_id]
         self._made_or_deleted += 1
         self._feed.changed(Key((counter_id, False)), None)
+        return None if self._kept is None else self._once_kept(None)
 
     def __len__(self) -> int:
         return len(self._values)
@@ -910,12 +932,13 @@ class Journal:
     releases them to the feed's other receivers once they are on disk, whether the request that
     made a change still waits or got a 503 from an earlier save."""
 
-    def __init__(self, path: Path, loaded: Loaded, values: dict[str, int], feed: ChangeFeed, *,
+    def __init__(self, path: Path, loaded: Loaded, store: CounterStore, feed: ChangeFeed, *,
                  save_interval: float, durable: bool) -> None:
         self.path = path
         self._target = Path(os.path.realpath(path))
         self._journal, self._compacting = journal_paths(self._target)
-        self._values = values  # the store's, read when the data file is rewritten
+        self._store = store  # refused changes while durable saves fail
+        self._values = store.values  # read when the data file is rewritten
         self._feed = feed
         self._save_interval = save_interval
         self._durable = durable
@@ -930,9 +953,8 @@ class Journal:
         self._torn = False  # an append failed and could not be cut off: the next save compacts
         self._compaction: asyncio.Task[None] | None = None
         self.saving = Outage(f"saving {path}")
-        # Durable mode takes no change it can't write: why, while saves fail (an attribute, read by
-        # every POST).
-        self.refusing: str | None = None
+        if durable:
+            store.kept_by(self.kept)
         # For /metrics:
         self.saves = 0
         self.save_failures = 0
@@ -1094,7 +1116,8 @@ class Journal:
     def _save_failed(self, error: Exception, waiting: list[asyncio.Future[None]]) -> None:
         self._due.set()
         self.saving.failed(failure_reason(error), unexpected=unexpected(error))
-        self.refusing = self.saving.error if self._durable else None
+        if self._durable:  # it takes no change it can't write: 503 up front, while saves fail
+            self._store.refusing = self.saving.error
         self.save_failures += 1
         for waiter in waiting:
             if not waiter.done():
@@ -1103,7 +1126,7 @@ class Journal:
     def _save_succeeded(self, batch: dict[str, int | None], waiting: list[asyncio.Future[None]]) -> None:
         self.last_saved_at = time.time()
         self.saving.succeeded()
-        self.refusing = None
+        self._store.refusing = None
         if self._durable:
             for counter_id, value in batch.items():  # on disk: the other receivers hear of them now
                 self._feed.release(Key((counter_id, False)), value)
@@ -2657,7 +2680,7 @@ def what_pushpin_missed(request: web.Request) -> web.Response:
 def increment_handler(app: web.Application) -> Handler:
     """POST, the hot path. What it needs from the app is looked up once, here: an app[KEY] lookup is a
     call in Python, and a POST needs several (the instructions row of bench/run.py)."""
-    store, journal, post_rate = app[STORE], app[JOURNAL], app[POST_RATE]
+    store, post_rate = app[STORE], app[POST_RATE]
 
     async def increment_counter(request: web.Request) -> web.Response:
         # Everything here runs for every increment, so the default mode awaits nothing.
@@ -2667,32 +2690,34 @@ def increment_handler(app: web.Application) -> Handler:
         # One bucket per client and counter: a tuple key costs a little, and only with --post-rate.
         if post_rate is not None and (wait := post_rate.retry_after((client_address(request), counter_id))):
             retry_later(web.HTTPTooManyRequests, "too many increments of this counter from this address", wait)
-        refuse_while_saves_fail(journal)
+        refuse_while_unavailable(store)
         try:
             value = store.increment(counter_id)  # the feed takes the change to the streams, caches, Pushpin
+            if type(value) is not int:  # answered once durable: see CounterStore
+                value = await value
         except KeyError:
             unknown_counter(counter_id)
         except CounterLimitReached as limit:
             abort(web.HTTPForbidden, f"counter {counter_id!r} not created: the limit of {limit} counters is reached")
         except OverflowError:
             abort(web.HTTPConflict, f"counter {counter_id!r} is at its maximum, {MAX_VALUE}")
-        if store.durable:
-            await kept(journal)
+        except Unavailable as failure:
+            retry_later(web.HTTPServiceUnavailable, str(failure), LAST_RETRY_DELAY)
         return changed_value_response(value)
     return increment_counter
 
 
-def refuse_while_saves_fail(journal: Journal) -> None:
-    """Durable mode takes no change it can't write: while saves fail, 503 instead of a lost ack."""
-    if journal.refusing:
-        retry_later(web.HTTPServiceUnavailable, journal.refusing, LAST_RETRY_DELAY)
+def refuse_while_unavailable(store: CounterStore) -> None:
+    """A store that can't take changes now (durable saves failing): 503 at once, never a lost ack."""
+    if store.refusing:
+        retry_later(web.HTTPServiceUnavailable, store.refusing, LAST_RETRY_DELAY)
 
 
-async def kept(journal: Journal) -> None:
-    """Durable mode: answer once the change is on disk; 503 with the reason if the save fails."""
+async def answered(write: Any) -> Any:
+    """What a store's write answered, awaited if the store answers later; 503 if it can't take it."""
     try:
-        await journal.kept()
-    except SaveFailed as failure:
+        return await write if inspect.isawaitable(write) else write
+    except Unavailable as failure:
         retry_later(web.HTTPServiceUnavailable, str(failure), LAST_RETRY_DELAY)
 
 
@@ -2718,11 +2743,9 @@ async def set_counter(request: web.Request) -> web.Response:
         abort(web.HTTPBadRequest, 'the body must be JSON like {"value": 27}')
     if type(value) is not int or abs(value) > MAX_VALUE:
         abort(web.HTTPBadRequest, f"value must be an integer within ±{MAX_VALUE}")
-    store, journal = request.app[STORE], request.app[JOURNAL]
-    refuse_while_saves_fail(journal)
-    store.set(counter_id, value)
-    if store.durable:
-        await kept(journal)
+    store = request.app[STORE]
+    refuse_while_unavailable(store)
+    await answered(store.set(counter_id, value))
     return changed_value_response(value)
 
 
@@ -2730,14 +2753,12 @@ async def delete_counter(request: web.Request) -> web.Response:
     """DELETE: remove a counter and end its streams."""
     counter_id = request.match_info["counter_id"]
     require_admin(request)
-    store, journal = request.app[STORE], request.app[JOURNAL]
-    refuse_while_saves_fail(journal)
+    store = request.app[STORE]
+    refuse_while_unavailable(store)
     try:
-        store.delete(counter_id)
+        await answered(store.delete(counter_id))
     except KeyError:
         unknown_counter(counter_id)
-    if store.durable:
-        await kept(journal)
     return web.Response(status=204)
 
 MAX_STREAM_IDS = 100
@@ -2939,7 +2960,7 @@ def create_app(data_path: str | os.PathLike[str] = Settings.data_path, **options
     feed = ChangeFeed()
     app[STORE] = store = CounterStore(loaded.counters, feed, auto_create=settings.auto_create,
                                       max_counters=settings.max_counters, durable=settings.durable)
-    app[JOURNAL] = journal = Journal(settings.data_path, loaded, store.values, feed,
+    app[JOURNAL] = journal = Journal(settings.data_path, loaded, store, feed,
                                      save_interval=settings.save_interval, durable=settings.durable)
     app[HUB] = hub = ListenerHub(
         keepalive_interval=settings.keepalive_interval, stall_timeout=settings.stall_timeout,
