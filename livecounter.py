@@ -173,6 +173,33 @@ def allowed_origin(given: object) -> str:
     return origin
 
 
+def redis_url(given: object) -> str:
+    """A Redis to keep the counters in: redis://, rediss://, unix://, or
+    redis+sentinel://HOST:PORT[,HOST:PORT...]/SERVICE[/DB] (the primary Sentinel names SERVICE)."""
+    if isinstance(given, str):
+        scheme = given.partition("://")[0]
+        if scheme in ("redis", "rediss", "unix") and len(given) > len(scheme) + 3:
+            return given
+        if scheme == "redis+sentinel" and sentinel_parts(given) is not None:
+            return given
+    raise ValueError("must be redis://HOST:PORT[/DB], rediss://..., unix://PATH or "
+                     f"redis+sentinel://HOST:PORT[,HOST:PORT...]/SERVICE[/DB], not {given!r}")
+
+
+def sentinel_parts(url: str) -> tuple[list[tuple[str, int]], str, int] | None:
+    """The Sentinels, the service and the database of a redis+sentinel:// URL; None if it isn't one."""
+    match = re.fullmatch(r"redis\+sentinel://([^/]+)/([^/]+)(?:/(\d+))?/?", url)
+    if not match:
+        return None
+    sentinels = []
+    for address in match[1].split(","):
+        host, _, port = address.rpartition(":")
+        if not host or not port.isdigit():
+            return None
+        sentinels.append((host.strip("[]"), int(port)))
+    return sentinels, match[2], int(match[3] or 0)
+
+
 @dataclasses.dataclass(frozen=True)
 class ReconnectWindow:
     """How long a client waits before it reconnects a stream that ended: between `shortest` and
@@ -288,6 +315,10 @@ class Settings:
                                          flag="--purge-url", parse=http_endpoint, metavar="URL", shown="none")
     cache_seconds: int = option(600, "with --purge-url, how long a cache may keep a read (s-maxage)",
                                 parse=positive_int, metavar="SECONDS")
+    redis: str | None = option(None, "keep the counters in Redis, shared by every process that names it: "
+                               "redis://HOST:PORT[/DB], rediss://..., unix://PATH, or "
+                               "redis+sentinel://HOST:PORT[,HOST:PORT...]/SERVICE[/DB]; needs redis-py "
+                               '(pip install "livecounter[redis]")', parse=redis_url, metavar="URL", shown="none: the data file")
     reconnect_window: ReconnectWindow = option(
         ReconnectWindow(1, 5), "seconds a client waits before it reconnects a stream that ended (a "
         "restart), drawn for each stream (its SSE retry field) so that they don't all come back at once",
@@ -1548,10 +1579,27 @@ class Presence:
         self._sent: dict[str, int] = {}  # counter -> the count last sent, if not 0
         self._pending: dict[str, asyncio.Handle] = {}  # counter -> its next send
         self._paces = Paces(WATCHERS_COST)
+        # With --redis: the other processes' counts, and this one's as last shared (see RedisLink).
+        self._link: RedisLink | None = None
+        self._remote: dict[str, dict[str, int]] = {}  # counter -> {process: its count, if not 0}
+        self._heard_from: dict[str, float] = {}  # process -> when it was last heard from
+        self._shared: dict[str, int] = {}  # counter -> this process's own count as last shared, if not 0
         self.stats_reading = Outage("reading Pushpin's stats")
         hub.watchers_changed = self.changed
 
+    def shares_with(self, link: RedisLink) -> None:
+        """--redis: counts are summed over every process, each sharing its own through the link.
+        Pushpin's reports (--grip-stats, read by every process) count in the leader's only."""
+        self._link = link
+
     def count(self, counter_id: str) -> int:
+        remote = self._remote.get(counter_id)
+        return self.own_count(counter_id) + (sum(remote.values()) if remote else 0)
+
+    def own_count(self, counter_id: str) -> int:
+        """This process's streams of the counter, and Pushpin's (unless another process counts them)."""
+        if self._link is not None and not self._link.leading:
+            return self._hub.watchers(counter_id)
         return self._hub.watchers(counter_id) + self.proxied(counter_id)
 
     def proxied(self, counter_id: str) -> int:
@@ -1573,6 +1621,8 @@ class Presence:
         del self._pending[counter_id]
         if not self._exists(counter_id):  # deleted meanwhile: heard() forgot it
             return
+        if self._link is not None:
+            self._share(counter_id, self.own_count(counter_id))
         count = self.count(counter_id)
         if count == self._sent.get(counter_id, 0):
             return
@@ -1590,12 +1640,71 @@ class Presence:
                 pending.cancel()
             self._sent.pop(key.counter_id, None)
             self._proxied.pop(key.counter_id, None)
+            self._remote.pop(key.counter_id, None)
+            if self._link is not None:
+                self._share(key.counter_id, 0)
             self._paces.forget(key.counter_id)
 
     @property
     def tracked(self) -> int:
         """For /metrics and tests: counters whose count this holds state for."""
-        return len(self._sent.keys() | self._pending.keys() | self._proxied.keys())
+        return len(self._sent.keys() | self._pending.keys() | self._proxied.keys() | self._remote.keys()
+                   | self._shared.keys())
+
+    # --- with --redis: the counts of every process ---
+
+    def _share(self, counter_id: str, own: int) -> None:
+        if own != self._shared.get(counter_id, 0):
+            self._link.share_count(counter_id, own)
+            if own:
+                self._shared[counter_id] = own
+            else:
+                del self._shared[counter_id]
+
+    def share_all(self) -> None:
+        """Every count of this process, shared again (after an outage, the others may have lost them)."""
+        for counter_id, own in self._shared.items():
+            self._link.share_count(counter_id, own)
+
+    def remote(self, process: str, counter_id: str, count: int) -> None:
+        """Another process's count of a counter's watchers."""
+        self._heard_from[process] = time.monotonic()
+        counts = self._remote.setdefault(counter_id, {})
+        if count:
+            counts[process] = count
+        else:
+            counts.pop(process, None)
+            if not counts:
+                del self._remote[counter_id]
+        self.changed(counter_id)
+
+    def alive(self, process: str) -> None:
+        self._heard_from[process] = time.monotonic()
+
+    def replace_remote(self, counts: dict[str, dict[str, int]]) -> None:
+        """The other processes' counts as Redis holds them (after a subscription)."""
+        touched = set(self._remote)
+        self._remote = {}
+        now = time.monotonic()
+        for process, by_counter in counts.items():
+            self._heard_from.setdefault(process, now)
+            for counter_id, count in by_counter.items():
+                if count:
+                    self._remote.setdefault(counter_id, {})[process] = count
+                    touched.add(counter_id)
+        for counter_id in touched:
+            self.changed(counter_id)
+
+    def drop_silent(self) -> None:
+        """Forget the counts of processes not heard from within DEAD_AFTER: one that died counts nobody."""
+        now = time.monotonic()
+        for process in [process for process, heard in self._heard_from.items() if now - heard > DEAD_AFTER]:
+            del self._heard_from[process]
+            for counter_id, counts in list(self._remote.items()):
+                if counts.pop(process, None) is not None:
+                    if not counts:
+                        del self._remote[counter_id]
+                    self.changed(counter_id)
 
     def reported(self, report: dict[str, Any]) -> None:
         """A `sub` report from Pushpin's stats: one channel's subscribers on one Pushpin instance.
@@ -1618,6 +1727,11 @@ class Presence:
         if not reports:
             del self._proxied[counter_id]
         self.changed(counter_id)
+
+    def recount_proxied(self) -> None:
+        """--redis: the leadership moved, and with it whose count Pushpin's reports are in."""
+        for counter_id in list(self._proxied):
+            self.changed(counter_id)
 
     def expire(self) -> None:
         """Forget reports past their ttl: a Pushpin that went silent holds nobody any more."""
@@ -1747,6 +1861,7 @@ class CachePurger:
     def __init__(self, urls: tuple[str, ...], exists: Callable[[str], bool]) -> None:
         self._targets = [CacheTarget(url) for url in urls]
         self._exists = exists  # whether a counter exists: only then can a cache hold its reads
+        self.leading = True  # with --redis, only the leader purges
         self.purges = 0  # for /metrics
         self.failures = 0
 
@@ -1761,7 +1876,7 @@ class CachePurger:
 
     def changed(self, key: Key, value: int | None) -> None:
         """The feed's receiver: every cache drops what it holds of the channel."""
-        if value is not None and not self._exists(key.counter_id):
+        if not self.leading or value is not None and not self._exists(key.counter_id):
             return  # a watcher count of an id --auto-create would make: never cached
         path = key.purge_path
         for target in self._targets:
@@ -1897,7 +2012,7 @@ class PushpinTarget:
         self.unpublished: dict[Key, int | str | None] = {}  # channel -> latest value; None: deleted; or HINT
         self.in_flight: dict[Key, int | str | None] = {}  # what the request in flight carries
         self.hints: dict[Key, asyncio.TimerHandle] = {}  # channel -> its hint to come
-        self.sent: dict[Key, int] = {}  # channel -> the publish number last sent here (its prev-id)
+        self.sent: dict[Key, str] = {}  # channel -> the publish id last sent here (its prev-id)
         self.wakeup = asyncio.Event()
         self.publishing = Outage(f"publishing to {self.publish_url}")
         self.pacing = PublishPacing(message_rate)
@@ -1909,11 +2024,12 @@ RESTING_NOTHING = object()  # a GripChannel's `resting` when no value waits for 
 class GripChannel:
     """What the publisher keeps of one channel while it matters."""
 
-    __slots__ = ("number", "handed", "answered", "resting", "rest", "closed")
+    __slots__ = ("number", "handed", "handed_id", "answered", "resting", "rest", "closed")
 
     def __init__(self) -> None:
         self.number = 0  # of its latest publish
         self.handed = 0  # the latest of those numbers handed to a Pushpin
+        self.handed_id: str | None = None  # its id; with --redis, maybe another process's (the leader's)
         self.answered = -math.inf  # monotonic time a stream was last held on it
         self.resting: int | object = RESTING_NOTHING  # its latest value, while it rests (hot)
         self.rest: asyncio.TimerHandle | None = None  # the end of its rest
@@ -1940,6 +2056,10 @@ class GripPublisher:
         self._exists = exists  # whether a counter exists: a count of an anonymous id may go unpublished
         self._purger = purger  # a cache in front: its purges go before each publish
         self._forget_held = link_timeout + SUBSCRIPTION_LINGER + 10
+        # With --redis only the leader publishes; every process answers held streams with the ids the
+        # leader handed out, which it shares (see RedisLink).
+        self.leading = True
+        self.share_handed: Callable[[Key, str | None], None] = lambda key, publish_id: None
         self.forgetting = Outage("forgetting idle GRIP channels")
         self.published = 0  # for /metrics: publish requests Pushpin accepted
         self.failures = 0
@@ -1952,8 +2072,24 @@ class GripPublisher:
         find every publish of a paced backlog out of sequence, and ask for the next link each time."""
         if number is None:
             channel = self._channels.get(key)
-            number = channel.handed if channel is not None else 0
+            if channel is not None and channel.handed_id is not None:
+                return channel.handed_id
+            number = 0
         return f"{self._epoch}.{number}"
+
+    def learn_handed(self, key: Key, publish_id: str | None) -> None:
+        """--redis: the id the leader handed to Pushpin for a channel (None: it forgot the channel)."""
+        if self.leading:
+            return
+        if publish_id is None:
+            if (channel := self._channels.get(key)) is not None:
+                channel.handed_id = None
+                self._forget_if_done(key)
+            return
+        channel = self._channels.get(key)
+        if channel is None:
+            channel = self._channels[key] = GripChannel()
+        channel.handed_id = publish_id
 
     @property
     def outages(self) -> list[Outage]:
@@ -1975,6 +2111,8 @@ class GripPublisher:
     def changed(self, key: Key, value: int | None) -> None:
         """The feed's receiver: publish a channel's latest value (None: the counter was deleted) to
         every Pushpin, at the channel's pace; never waits."""
+        if not self.leading:
+            return
         channel = self._channels.get(key)
         if channel is None:
             if value is not None and key.watchers and not self._exists(key.counter_id):
@@ -2037,14 +2175,20 @@ class GripPublisher:
         batch = target.in_flight = dict(itertools.islice(target.unpublished.items(), changes))
         for key in batch:
             del target.unpublished[key]
-        # Each value's number: its channel's latest. (Not for a deletion or a hint: neither has an id.)
-        numbers = {}
+        # Each value's number: its channel's latest, and the id this Pushpin got last for the channel
+        # (with --redis, after a new leader took over: the one the old leader handed out). Not for a
+        # deletion or a hint: neither has an id.
+        numbers, previous = {}, {}
         for key, value in batch.items():
             if type(value) is int and (channel := self._channels.get(key)) is not None:
                 numbers[key] = channel.number
-                channel.handed = max(channel.handed, channel.number)
+                previous[key] = target.sent.get(key) or channel.handed_id or self.publish_id(key, 0)
+                if channel.number > channel.handed:
+                    channel.handed = channel.number
+                    channel.handed_id = self.publish_id(key, channel.number)
+                    self.share_handed(key, channel.handed_id)
         try:
-            items = self._items(target, numbers, batch)
+            items = self._items(numbers, previous, batch)
             if self._purger is not None:
                 await self._purger.purged(batch, PURGE_BEFORE_PUBLISH)
             await send_publish(session, target.publish_url, items)
@@ -2058,7 +2202,7 @@ class GripPublisher:
             return
         finally:
             target.in_flight = {}
-        target.sent.update(numbers)
+        target.sent.update((key, self.publish_id(key, number)) for key, number in numbers.items())
         self.published += 1
         target.publishing.succeeded()
         now = time.monotonic()
@@ -2104,7 +2248,8 @@ class GripPublisher:
         if any(key in target.unpublished or key in target.in_flight or key in target.hints
                for target in self._targets):
             return  # forgotten once that goes out
-        self._channels.pop(key, None)
+        if (forgotten := self._channels.pop(key, None)) is not None and forgotten.handed_id and self.leading:
+            self.share_handed(key, None)
         self._held.pop(key, None)
         self._paces.forget(key)
         for target in self._targets:
@@ -2144,9 +2289,9 @@ class GripPublisher:
             log.warning("stopping with the latest value%s of %d counter%s not published to every Pushpin",
                         "s" * (waiting != 1), waiting, "s" * (waiting != 1))
 
-    def _items(self, target: PushpinTarget, numbers: dict[Key, int],
+    def _items(self, numbers: dict[Key, int], previous: dict[Key, str],
                batch: dict[Key, int | str | None]) -> list[dict[str, object]]:
-        """The batch's publish items for this Pushpin, each with its publish id, and as prev-id the id
+        """The batch's publish items for a Pushpin, each with its publish id, and as prev-id the id
         this Pushpin was last sent for the channel (number 0, the first time in this process: what
         the listeners answered before were told). Pushpin finds a listener whose prev-id differs and
         has it ask its next link, at most 10 links a second per Pushpin (its update limiter), so the
@@ -2158,7 +2303,7 @@ class GripPublisher:
         for key, item in publish_items(batch):
             if key in numbers:  # a close or a hint goes to every stream, whatever it missed
                 item["id"] = self.publish_id(key, numbers[key])
-                item["prev-id"] = self.publish_id(key, target.sent.get(key, 0))
+                item["prev-id"] = previous[key]
             items.append(item)
         return items
 
@@ -2207,6 +2352,510 @@ def grip_sig_valid(signature: str, key: str | None) -> bool:
 
 
 # --------------------------------------------------------------------------------------------------
+# Redis: counters shared by processes and machines (--redis)
+# --------------------------------------------------------------------------------------------------
+#
+# With --redis the counters live in Redis, and every livecounter process (--workers on one machine,
+# or processes on several) keeps a replica of them in memory: reads and streams are answered from
+# it, also while Redis is unreachable. A write is one Lua script that changes the value, bumps the
+# counter's version and PUBLISHes the change, all in one step, so every process sees every change,
+# in the order Redis made them. Each process applies the changes it hears (and the answers to its
+# own writes) to its replica when their version is newer, and its change feed takes them to its
+# streams. The writes of one turn of the event loop go in one pipeline (a round trip for all).
+#
+# The keys, all in the hash slot {livecounter} (one Redis, or one slot of a cluster):
+#   {livecounter}:values          hash: counter id -> value
+#   {livecounter}:versions        hash: counter id -> how many changes it had (never reset)
+#   {livecounter}:order           sorted set: counter id -> creation number (the listing's order)
+#   {livecounter}:made            the last creation number
+#   {livecounter}:seeded          "done" once the data file's counters went in (the first start)
+#   {livecounter}:leader          the process that purges caches and publishes to Pushpin (expires)
+#   {livecounter}:watchers:PROC   hash: counter id -> streams of process PROC watching it (expires)
+# and the pub/sub channel {livecounter}:changes, whose messages are "v ID VALUE VERSION" (a value),
+# "d ID VERSION" (a deletion), "w PROC ID COUNT" (a process's watcher count), "h PROC" (a process is
+# alive, every second) and "g CHANNEL ID" (the GRIP id the leader last handed to Pushpin for a
+# channel, "-" once forgotten).
+#
+# Watcher counts: each process shares its own streams' count of each counter; a counter's count is
+# the sum over the processes heard from within DEAD_AFTER. GRIP publishes and cache purges go out
+# once per change: from the leader, which holds {livecounter}:leader while it lives; a new leader
+# publishes and purges again what changed in the last RECENT seconds, and goes on from the GRIP ids
+# the old one handed out (every process knows them: it answers held streams with them).
+
+REDIS_PREFIX = "{livecounter}:"
+REDIS_TIMEOUT = 0.8  # seconds for a command to connect, go and be answered: a refusal comes within 2 s
+REDIS_GIVE_UP = 1.8  # seconds after which a write is refused whatever the client still tries
+HEARTBEAT = 1.0  # seconds between a process's heartbeats and renewals
+DEAD_AFTER = 3.5  # seconds of silence after which a process counts no watchers
+LEADER_TTL_MS = 3000  # how long the leadership lasts unless renewed
+RECENT = 10.0  # seconds a change is remembered, for a new leader to publish and purge it again
+WAIT_TIMEOUT_MS = 1000  # --durable: how long a change waits for a replica to hold it
+SEED_CHUNK = 10_000  # counters per command when the data file seeds an empty Redis
+
+CHANGE_SCRIPT = """
+-- KEYS: values, versions, order, made. ARGV: operation (incr, set, delete, probe), counter id,
+-- value (set), auto-create (1/0), most counters, largest value, channel. Answers {value, version};
+-- version 0 with value -1: no such counter, -2: the limit of counters, -3: at the largest value.
+local operation, id = ARGV[1], ARGV[2]
+if operation == "probe" then
+  redis.call("SET", KEYS[4] .. ":probe", "1")  -- a write: refused by a replica, as a change would be
+  return {0, 0}
+end
+local exists = redis.call("HEXISTS", KEYS[1], id) == 1
+local value = 0
+if operation == "incr" then
+  if not exists then
+    if ARGV[4] ~= "1" then return {-1, 0} end
+    if redis.call("HLEN", KEYS[1]) >= tonumber(ARGV[5]) then return {-2, 0} end
+  elseif tonumber(redis.call("HGET", KEYS[1], id)) >= tonumber(ARGV[6]) then
+    return {-3, 0}
+  end
+  value = redis.call("HINCRBY", KEYS[1], id, 1)
+elseif operation == "set" then
+  value = tonumber(ARGV[3])
+  redis.call("HSET", KEYS[1], id, ARGV[3])
+elseif not exists then
+  return {-1, 0}
+else
+  redis.call("HDEL", KEYS[1], id)
+  redis.call("ZREM", KEYS[3], id)
+end
+if not exists then
+  redis.call("ZADD", KEYS[3], redis.call("INCR", KEYS[4]), id)
+end
+local version = redis.call("HINCRBY", KEYS[2], id, 1)
+if operation == "delete" then
+  redis.call("PUBLISH", ARGV[7], "d " .. id .. " " .. version)
+else
+  redis.call("PUBLISH", ARGV[7], "v " .. id .. " " .. string.format("%d", value) .. " " .. version)
+end
+return {value, version}
+"""
+
+RENEW_SCRIPT = """
+-- KEYS: leader. ARGV: this process, ttl ms. Take the leadership if nobody holds it, keep it if held.
+if redis.call("SET", KEYS[1], ARGV[1], "NX", "PX", ARGV[2]) then return 1 end
+if redis.call("GET", KEYS[1]) == ARGV[1] then redis.call("PEXPIRE", KEYS[1], ARGV[2]) return 1 end
+return 0
+"""
+
+
+def import_redis() -> Any:
+    """redis-py (with hiredis, if installed), needed only for --redis."""
+    try:
+        import redis.asyncio
+        import redis.asyncio.sentinel
+    except ImportError:
+        raise ValueError('--redis needs the Redis client redis-py: pip install "livecounter[redis]"') from None
+    return redis
+
+
+def redis_client(url: str) -> Any:
+    """A redis-py client that gives up rather than waits: short timeouts, no retries (the caller
+    refuses the change, and the link's loop tries again)."""
+    redis = import_redis()
+    options = {"socket_timeout": REDIS_TIMEOUT, "socket_connect_timeout": REDIS_TIMEOUT,
+               "retry": redis.asyncio.retry.Retry(redis.backoff.NoBackoff(), 0), "health_check_interval": 0}
+    if (parts := sentinel_parts(url)) is not None:
+        sentinels, service, database = parts
+        sentinel = redis.asyncio.sentinel.Sentinel(sentinels, sentinel_kwargs={
+            "socket_timeout": REDIS_TIMEOUT, "socket_connect_timeout": REDIS_TIMEOUT}, **options)
+        return sentinel.master_for(service, db=database)
+    return redis.asyncio.Redis.from_url(url, **options)
+
+
+def shown_url(url: str) -> str:
+    """url without its password, for the log and /healthz."""
+    return re.sub(r"://[^@/]*@", "://", url)
+
+
+class RedisLink:
+    """This process's connection to Redis: writes (scripted, a pipeline per turn of the loop), the
+    changes every process makes (pub/sub), heartbeats, the shared watcher counts and the leadership."""
+
+    def __init__(self, url: str, *, durable: bool) -> None:
+        self.url = url
+        self.client = redis_client(url)
+        self.process = f"{socket.gethostname()}:{os.getpid()}:{random.randrange(1 << 32):08x}"
+        self.durable = durable
+        self.working = Outage(f"Redis at {shown_url(url)}")
+        self.leading = False
+        self.replicas = 0  # --durable: replicas a change waits for (one), if the primary has any
+        self._change = self.client.register_script(CHANGE_SCRIPT)
+        self._renew = self.client.register_script(RENEW_SCRIPT)
+        self._keys = [REDIS_PREFIX + name for name in ("values", "versions", "order", "made")]
+        self._pending: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []  # writes of this turn
+        self._heard = asyncio.Event()  # set by each message: the subscription lives
+        self._counts_to_store: dict[str, int] = {}  # this process's counts, for its hash at the next beat
+        self.subscribed = asyncio.Event()  # the first subscription is made, and the replica loaded
+        # What the rest of the process does with what the link hears (wired in create_app):
+        self.on_message: Callable[[str], None] = lambda message: None
+        self.on_subscribed: Callable[[], Awaitable[None]] | None = None  # re-read what may have changed
+        self.on_leadership: Callable[[bool], None] = lambda leading: None
+        self.on_beat: Callable[[], None] = lambda: None
+        self.writes = 0  # for /metrics
+        self.failures = 0
+
+    @property
+    def refusing(self) -> str | None:
+        return self.working.error
+
+    # --- writes ---
+
+    def change(self, operation: str, counter_id: str, value: int = 0, *, auto_create: bool = False,
+               max_counters: int = 0) -> Awaitable[list[int]]:
+        """Run the change script (see CHANGE_SCRIPT): its answer {value, version}, once Redis made it
+        (and with --durable, once a replica holds it). Unavailable if Redis doesn't answer in time."""
+        return self._queue(("change", operation, counter_id, str(value), "1" if auto_create else "0",
+                            str(max_counters), str(MAX_VALUE), REDIS_PREFIX + "changes"))
+
+    def publish(self, message: str) -> None:
+        """A message to every process, with the next pipeline; failing is the link's outage."""
+        self._queue(("publish", message))
+
+    def _queue(self, command: tuple[Any, ...]) -> asyncio.Future[Any]:
+        future = asyncio.get_running_loop().create_future()
+        if not self._pending:
+            asyncio.get_running_loop().call_soon(lambda: asyncio.ensure_future(self._send_pending()))
+        self._pending.append((command, future))
+        return future
+
+    async def _send_pending(self) -> None:
+        pending, self._pending = self._pending, []
+        pipe = self.client.pipeline(transaction=False)
+        waits = self.durable and self.replicas and any(command[0] == "change" for command, _ in pending)
+        try:
+            for command, _ in pending:
+                if command[0] == "change":
+                    await self._change(keys=self._keys, args=command[1:], client=pipe)  # queued, not sent
+                else:
+                    pipe.publish(REDIS_PREFIX + "changes", command[1])
+            if waits:
+                pipe.execute_command("WAIT", 1, WAIT_TIMEOUT_MS)
+            answers = await asyncio.wait_for(pipe.execute(raise_on_error=False), REDIS_GIVE_UP)
+            if len(answers) != len(pending) + bool(waits):
+                raise RuntimeError(f"{len(answers)} answers to {len(pending) + bool(waits)} commands")
+        except Exception as error:  # noqa: BLE001 - a Redis that is down, failing over, or a bug: refused
+            self._failed(error)
+            for _, future in pending:
+                if not future.done():
+                    future.set_exception(Unavailable(self.working.error))
+            future_exception_retrieved(pending)
+            return
+        if waits and answers[-1] == 0:
+            reason = f"no replica of Redis at {shown_url(self.url)} acknowledged the change within {WAIT_TIMEOUT_MS} ms"
+            answers = [Unavailable(reason) if command[0] == "change" else answer
+                       for (command, _), answer in zip(pending, answers)]
+        for (_, future), answer in zip(pending, answers):
+            if future.done():
+                continue
+            if isinstance(answer, Unavailable):
+                future.set_exception(answer)
+            elif isinstance(answer, Exception):  # READONLY (a replica since a failover), OOM, ...
+                self._failed(answer)
+                future.set_exception(Unavailable(self.working.error))
+            else:
+                future.set_result(answer)
+        future_exception_retrieved(pending)
+        self.writes += len(pending)
+
+    def _failed(self, error: BaseException) -> None:
+        self.failures += 1
+        self.working.failed(failure_reason(error) or type(error).__name__, unexpected=redis_unexpected(error))
+
+    # --- at the start ---
+
+    async def check(self) -> None:
+        """At the start: Redis answers, and with --durable it writes every change to disk before it
+        answers (appendonly yes, appendfsync always): else ValueError naming the setting."""
+        try:
+            await asyncio.wait_for(self.client.ping(), REDIS_GIVE_UP)
+            if self.durable:
+                config = {**await self.client.config_get("appendonly"), **await self.client.config_get("appendfsync")}
+                await self._count_replicas()
+        except ValueError:
+            raise
+        except Exception as error:  # noqa: BLE001 - whatever stops it, the start says it in one line
+            raise ValueError(f"--redis {shown_url(self.url)}: {failure_reason(error)}") from None
+        if self.durable:
+            config = {key.decode() if isinstance(key, bytes) else key: value.decode() if isinstance(value, bytes) else value
+                      for key, value in config.items()}
+            if config.get("appendonly") != "yes" or config.get("appendfsync") != "always":
+                raise ValueError(f"--durable with --redis needs Redis to write every change to disk before it "
+                                 f"answers: appendonly yes and appendfsync always (it has appendonly "
+                                 f"{config.get('appendonly')}, appendfsync {config.get('appendfsync')})")
+
+    async def _count_replicas(self) -> None:
+        info = await self.client.info("replication")
+        self.replicas = int(info.get("connected_slaves", 0))
+
+    async def seed(self, counters: dict[str, int]) -> bool:
+        """The data file's counters, into a Redis that never had any (the first start, once): whether
+        this process put them in. Another process doing it meanwhile is waited for."""
+        seeded = REDIS_PREFIX + "seeded"
+        if await self.client.set(seeded, "in progress", nx=True, ex=300):
+            ids = list(counters)
+            for start in range(0, len(ids), SEED_CHUNK):
+                chunk = {counter_id: counters[counter_id] for counter_id in ids[start:start + SEED_CHUNK]}
+                pipe = self.client.pipeline(transaction=False)
+                for counter_id, value in chunk.items():
+                    pipe.hsetnx(self._keys[0], counter_id, value)
+                pipe.zadd(self._keys[2], {counter_id: start + number for number, counter_id in enumerate(chunk)}, nx=True)
+                await pipe.execute()
+            await self.client.set(self._keys[3], len(ids), nx=True)
+            await self.client.set(seeded, "done")
+            return True
+        while await self.client.get(seeded) != b"done":  # another process seeds: wait for it
+            await asyncio.sleep(0.1)
+        return False
+
+    async def load(self) -> tuple[dict[str, int], dict[str, int]]:
+        """Every counter's value and version, in the listing's order."""
+        ids = [member.decode() for member in await self.client.zrange(self._keys[2], 0, -1)]
+        values, versions = {}, {}
+        for start in range(0, len(ids), SEED_CHUNK):
+            chunk = ids[start:start + SEED_CHUNK]
+            pipe = self.client.pipeline(transaction=False)
+            pipe.hmget(self._keys[0], chunk)
+            pipe.hmget(self._keys[1], chunk)
+            chunk_values, chunk_versions = await pipe.execute()
+            for counter_id, value, version in zip(chunk, chunk_values, chunk_versions):
+                if value is not None:
+                    values[counter_id] = int(value)
+                    versions[counter_id] = int(version or 0)
+        return values, versions
+
+    async def watcher_counts(self) -> dict[str, dict[str, int]]:
+        """Every other process's shared counts: process -> {counter id: count}."""
+        counts = {}
+        async for key in self.client.scan_iter(match=REDIS_PREFIX + "watchers:*", count=1000):
+            process = key.decode()[len(REDIS_PREFIX + "watchers:"):]
+            if process != self.process:
+                counts[process] = {counter_id.decode(): int(count)
+                                   for counter_id, count in (await self.client.hgetall(key)).items()}
+        return counts
+
+    def share_count(self, counter_id: str, count: int) -> None:
+        """This process's own count of the counter's watchers, for the others (batched)."""
+        self._queue(("publish", f"w {self.process} {counter_id} {count}"))
+        self._counts_to_store[counter_id] = count
+
+    # --- while it runs ---
+
+    async def run(self) -> None:
+        """Subscribe, and hand every message to on_message; after a failure, again (on_subscribed
+        re-reads what may have changed meanwhile). Meanwhile: heartbeats and the leadership."""
+        await asyncio.gather(forever(self.working, self._listen), forever(self.working, self._beat))
+
+    async def _listen(self) -> None:
+        pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+        try:
+            await asyncio.wait_for(pubsub.subscribe(REDIS_PREFIX + "changes"), REDIS_GIVE_UP)
+            if self.on_subscribed is not None:
+                await self.on_subscribed()
+            self.subscribed.set()
+            if self.durable:
+                await self._count_replicas()
+            await asyncio.wait_for(self._change(keys=self._keys, args=["probe"]), REDIS_GIVE_UP)
+            self.working.succeeded()
+            quiet_since = time.monotonic()
+            while True:
+                message = await pubsub.get_message(timeout=HEARTBEAT)
+                if message is not None:
+                    quiet_since = time.monotonic()
+                    self.on_message(message["data"].decode())
+                elif time.monotonic() - quiet_since > DEAD_AFTER:  # not even its own heartbeat came
+                    raise asyncio.TimeoutError("no message from Redis, not even this process's heartbeat")
+        except Exception as error:  # noqa: BLE001 - the outage, then a new subscription
+            self._failed(error)
+            await asyncio.sleep(self.working.retry_delay)
+        finally:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(pubsub.aclose(), REDIS_GIVE_UP)
+
+    async def _beat(self) -> None:
+        """Every HEARTBEAT: say this process lives, keep its shared counts, take or keep the leadership."""
+        await asyncio.sleep(HEARTBEAT)
+        watchers = REDIS_PREFIX + "watchers:" + self.process
+        counts, self._counts_to_store = self._counts_to_store, {}
+        pipe = self.client.pipeline(transaction=False)
+        pipe.publish(REDIS_PREFIX + "changes", f"h {self.process}")
+        for counter_id, count in counts.items():
+            if count:
+                pipe.hset(watchers, counter_id, count)
+            else:
+                pipe.hdel(watchers, counter_id)
+        pipe.pexpire(watchers, int(1000 * DEAD_AFTER))
+        await self._renew(keys=[REDIS_PREFIX + "leader"], args=[self.process, LEADER_TTL_MS], client=pipe)
+        try:
+            answers = await asyncio.wait_for(pipe.execute(), REDIS_GIVE_UP)
+        except Exception:
+            self._counts_to_store = counts | self._counts_to_store
+            raise
+        self.on_beat()
+        if (leading := answers[-1] == 1) != self.leading:
+            log.info("this process %s", "leads: it purges caches and publishes to Pushpin" if leading
+                     else "no longer leads: another process took over")
+            self.leading = leading
+            self.on_leadership(leading)
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.client.delete(REDIS_PREFIX + "watchers:" + self.process), REDIS_GIVE_UP)
+            if self.leading:
+                await asyncio.wait_for(self.client.delete(REDIS_PREFIX + "leader"), REDIS_GIVE_UP)
+        with contextlib.suppress(Exception):
+            await self.client.aclose()
+
+
+def future_exception_retrieved(pending: list[tuple[Any, asyncio.Future[Any]]]) -> None:
+    """A publish's future nobody awaits: its exception is not an 'exception never retrieved'."""
+    for _, future in pending:
+        if future.done() and not future.cancelled():
+            future.exception()
+
+
+def redis_unexpected(error: BaseException) -> BaseException | None:
+    """A Redis that is down, failing over or refusing is no bug; anything else is (its traceback)."""
+    redis = import_redis()
+    return None if isinstance(error, (redis.exceptions.RedisError, Unavailable)) else unexpected(error)
+
+
+class RedisCounters(CounterStore):
+    """Counters in Redis (see above), with a replica of them here. Writes answer once Redis made them
+    (an awaitable); the change reaches this process's feed then, and the other processes' when they
+    hear of it. Reads, listings and new streams are answered from the replica."""
+
+    def __init__(self, link: RedisLink, feed: ChangeFeed, *, auto_create: bool, max_counters: int) -> None:
+        super().__init__({}, feed, auto_create=auto_create, max_counters=max_counters, durable=False)
+        self._link = link
+        self._versions: dict[str, int] = {}
+        self._gone: collections.OrderedDict[str, float] = collections.OrderedDict()  # deleted ids, by when
+        self.recent: collections.OrderedDict[str, float] = collections.OrderedDict()  # changed ids, by when
+
+    @property
+    def refusing(self) -> str | None:  # type: ignore[override]
+        """While Redis fails: changes are refused at once (503), not queued behind a timeout."""
+        return self._link.refusing
+
+    @refusing.setter
+    def refusing(self, reason: str | None) -> None:
+        pass  # CounterStore's __init__ sets it: here it is the link's outage
+
+    def replace_all(self, values: dict[str, int], versions: dict[str, int]) -> None:
+        """Values and versions read anew from Redis (at the start, after an outage): they are the
+        truth; what changed goes to the feed."""
+        for counter_id in [counter_id for counter_id in self._values if counter_id not in values]:
+            self.apply(counter_id, None, self._versions.get(counter_id, 0), exactly=True)
+        for counter_id, value in values.items():
+            if self._values.get(counter_id) != value or self._versions.get(counter_id) != versions[counter_id]:
+                self.apply(counter_id, value, versions[counter_id], exactly=True)
+
+    def apply(self, counter_id: str, value: int | None, version: int, *, exactly: bool = False) -> None:
+        """A change Redis made (heard, or the answer to a write here): into the replica and the feed,
+        unless an answer or a message already brought a newer one (exactly: it is the truth, read
+        from Redis itself)."""
+        if version <= self._versions.get(counter_id, 0) and not exactly:
+            return
+        self._versions[counter_id] = version
+        if exactly and self._values.get(counter_id) == value:
+            return
+        now = time.monotonic()
+        self.recent.pop(counter_id, None)
+        self.recent[counter_id] = now
+        while next(iter(self.recent.values())) < now - RECENT:
+            self.recent.popitem(last=False)
+        if value is None:
+            if self._values.pop(counter_id, None) is not None:
+                self._made_or_deleted += 1
+            self._gone[counter_id] = now  # its version stays a while: a late message must not bring it back
+        else:
+            self._made_or_deleted += counter_id not in self._values
+            self._values[counter_id] = value
+            self._gone.pop(counter_id, None)
+        while self._gone and next(iter(self._gone.values())) < now - RECENT:
+            self._versions.pop(self._gone.popitem(last=False)[0], None)
+        self._feed.changed(Key((counter_id, False)), value)
+
+    def increment(self, counter_id: str) -> Awaitable[int]:  # type: ignore[override]
+        return self._write("incr", counter_id)
+
+    def set(self, counter_id: str, value: int) -> Awaitable[int]:  # type: ignore[override]
+        return self._write("set", counter_id, value)
+
+    def delete(self, counter_id: str) -> Awaitable[None]:  # type: ignore[override]
+        return self._write("delete", counter_id)
+
+    async def _write(self, operation: str, counter_id: str, value: int = 0) -> Any:
+        answer, version = await self._link.change(operation, counter_id, value, auto_create=self._auto_create,
+                                                  max_counters=self._max_counters)
+        if version == 0:
+            if answer == -2:
+                raise CounterLimitReached(self._max_counters)
+            if answer == -3:
+                raise OverflowError(counter_id)
+            raise KeyError(counter_id)
+        self.increments += operation == "incr"
+        self.apply(counter_id, None if operation == "delete" else answer, version)
+        return None if operation == "delete" else answer
+
+    def hear(self, message: str) -> None:
+        """A value or deletion message (see above) from Redis."""
+        kind, _, rest = message.partition(" ")
+        if kind == "v":
+            counter_id, value, version = rest.split(" ")
+            self.apply(counter_id, int(value), int(version))
+        elif kind == "d":
+            counter_id, version = rest.split(" ")
+            self.apply(counter_id, None, int(version))
+
+
+def hear_from_redis(link: RedisLink, store: RedisCounters, presence: Presence, grip: GripPublisher | None,
+                    message: str) -> None:
+    """Where each message from Redis goes (see the keys above); this process's own counts and
+    heartbeats come back to it too, and are its own already."""
+    kind = message[:1]
+    if kind in ("v", "d"):
+        store.hear(message)
+    elif kind == "w":
+        _, process, counter_id, count = message.split(" ")
+        if process != link.process:
+            presence.remote(process, counter_id, int(count))
+    elif kind == "h":
+        if (process := message[2:]) != link.process:
+            presence.alive(process)
+    elif kind == "g" and grip is not None:
+        _, channel, publish_id = message.split(" ")
+        if (named := Key.of_grip_channel(channel)) is not None:
+            grip.learn_handed(named[0], None if publish_id == "-" else publish_id)
+
+
+async def resynchronized(link: RedisLink, store: RedisCounters, presence: Presence) -> None:
+    """After (re)subscribing: what changed while this process wasn't listening (every value, the
+    other processes' counts), and this process's own counts shared again."""
+    store.replace_all(*await link.load())
+    presence.replace_remote(await link.watcher_counts())
+    presence.share_all()
+
+
+def leadership_changed(store: RedisCounters, presence: Presence, senders: list[GripPublisher | CachePurger],
+                       leading: bool) -> None:
+    """The leader purges and publishes; one that takes over sends again what changed lately (the
+    old leader may have died before it did)."""
+    for sender in senders:
+        sender.leading = leading
+    presence.recount_proxied()
+    if leading:
+        for counter_id in store.recent:
+            key = Key((counter_id, False))
+            value = store.values.get(counter_id)
+            for sender in senders:
+                sender.changed(key, value)
+                if value is not None:
+                    sender.changed(key.count, presence.count(counter_id))
+
+
+# --------------------------------------------------------------------------------------------------
 # Requests and answers
 # --------------------------------------------------------------------------------------------------
 
@@ -2249,7 +2898,9 @@ class RateLimiter:
 
 SETTINGS = web.AppKey("settings", Settings)
 STORE = web.AppKey("store", CounterStore)
-JOURNAL = web.AppKey("journal", Journal)
+JOURNAL = web.AppKey("journal", Journal | None)  # None with --redis
+REDIS = web.AppKey("redis", RedisLink | None)  # None without --redis
+SEED = web.AppKey("seed", dict[str, int])  # --redis: the data file's counters, for a Redis that has none
 HUB = web.AppKey("hub", ListenerHub)
 GRIP = web.AppKey("grip", GripPublisher | None)  # None without --grip-url
 POST_RATE = web.AppKey("post_rate", RateLimiter | None)  # None without --post-rate
@@ -2869,19 +3520,30 @@ async def metrics(request: web.Request) -> web.Response:
         ("broadcasts_total", "counter", "Changes written to a counter's listeners.", hub.broadcasts),
         ("coalesced_updates_total", "counter",
          "Changes folded into a broadcast that was already scheduled.", hub.coalesced),
-        ("saves_total", "counter", "Saves attempted (appends to the journal).", journal.saves),
-        ("save_errors_total", "counter", "Saves and compactions that failed.", journal.save_failures),
-        ("last_save_duration_seconds", "gauge", "How long the last save took.", journal.last_save_seconds),
-        ("last_save_success_timestamp_seconds", "gauge",
-         "Unix time the files last held every value: the last successful save, or the start.",
-         journal.last_saved_at),
-        ("saves_failing", "gauge", "1 while saves fail (see /healthz), else 0.", int(journal.save_error is not None)),
-        ("compactions_total", "counter", "Times the journal was folded into the data file.", journal.compactions),
         ("watched_counters", "gauge", "Counters whose watcher count is kept (watched, or lately).",
          request.app[PRESENCE].tracked),
         ("background_failing", "gauge", "1 while any background work fails (see /healthz), else 0.",
          int(errors_of(request.app[OUTAGES]) is not None)),
     ]
+    if journal is not None:
+        samples += [
+            ("saves_total", "counter", "Saves attempted (appends to the journal).", journal.saves),
+            ("save_errors_total", "counter", "Saves and compactions that failed.", journal.save_failures),
+            ("last_save_duration_seconds", "gauge", "How long the last save took.", journal.last_save_seconds),
+            ("last_save_success_timestamp_seconds", "gauge",
+             "Unix time the files last held every value: the last successful save, or the start.",
+             journal.last_saved_at),
+            ("saves_failing", "gauge", "1 while saves fail (see /healthz), else 0.", int(journal.save_error is not None)),
+            ("compactions_total", "counter", "Times the journal was folded into the data file.", journal.compactions),
+        ]
+    if (link := request.app[REDIS]) is not None:
+        samples += [
+            ("redis_writes_total", "counter", "Changes and messages sent to Redis.", link.writes),
+            ("redis_errors_total", "counter", "Commands to Redis that failed.", link.failures),
+            ("redis_failing", "gauge", "1 while Redis fails (see /healthz), else 0.", int(link.working.error is not None)),
+            ("redis_leader", "gauge", "1 if this process purges and publishes for every process, else 0.",
+             int(link.leading)),
+        ]
     if (purger := request.app[PURGER]) is not None:
         samples += [
             ("purges_total", "counter", "PURGE requests a cache accepted.", purger.purges),
@@ -2958,10 +3620,18 @@ def create_app(data_path: str | os.PathLike[str] = Settings.data_path, **options
     app[SETTINGS] = settings
     loaded = load_counters(settings.data_path)
     feed = ChangeFeed()
-    app[STORE] = store = CounterStore(loaded.counters, feed, auto_create=settings.auto_create,
-                                      max_counters=settings.max_counters, durable=settings.durable)
-    app[JOURNAL] = journal = Journal(settings.data_path, loaded, store, feed,
-                                     save_interval=settings.save_interval, durable=settings.durable)
+    if settings.redis:  # the counters live in Redis; the data file only seeds an empty one (see there)
+        app[REDIS] = link = RedisLink(settings.redis, durable=settings.durable)
+        app[STORE] = store = RedisCounters(link, feed, auto_create=settings.auto_create,
+                                           max_counters=settings.max_counters)
+        app[SEED] = loaded.counters
+        app[JOURNAL] = journal = None
+    else:
+        app[REDIS] = link = None
+        app[STORE] = store = CounterStore(loaded.counters, feed, auto_create=settings.auto_create,
+                                          max_counters=settings.max_counters, durable=settings.durable)
+        app[JOURNAL] = journal = Journal(settings.data_path, loaded, store, feed,
+                                         save_interval=settings.save_interval, durable=settings.durable)
     app[HUB] = hub = ListenerHub(
         keepalive_interval=settings.keepalive_interval, stall_timeout=settings.stall_timeout,
         max_listeners=settings.max_listeners or default_max_listeners(),
@@ -2971,17 +3641,28 @@ def create_app(data_path: str | os.PathLike[str] = Settings.data_path, **options
     app[PURGER] = purger = CachePurger(settings.purge_urls, exists) if settings.purge_urls else None
     app[GRIP] = grip = (GripPublisher(settings.grip_urls, settings.grip_message_rate, exists=exists, purger=purger,
                                       link_timeout=settings.grip_link_timeout) if settings.grip_urls else None)
+    senders = [sender for sender in (purger, grip) if sender is not None]
     # The change feed: the journal keeps a change first (in durable mode the others hear of it once it
     # is on disk), then every receiver hears of it, each registered once, here.
-    feed.keep_with(journal, durable=settings.durable)
-    if settings.durable:
-        feed.register(store.heard)  # what new streams start from: values on disk
+    if journal is not None:
+        feed.keep_with(journal, durable=settings.durable)
+        if settings.durable:
+            feed.register(store.heard)  # what new streams start from: values on disk
     feed.register(hub.changed)
     feed.register(presence.heard, deletions_only=True)
-    for sender in (purger, grip):
-        if sender is not None:
-            feed.register(sender.changed)
-    app[LOCAL_OUTAGES] = [journal.saving, hub.sweeping, presence.stats_reading]
+    for sender in senders:
+        feed.register(sender.changed)
+    if link is not None:  # Redis's messages reach the store, presence and the publisher; a leader sends
+        link.on_message = functools.partial(hear_from_redis, link, store, presence, grip)
+        link.on_subscribed = functools.partial(resynchronized, link, store, presence)
+        link.on_leadership = functools.partial(leadership_changed, store, presence, senders)
+        link.on_beat = presence.drop_silent
+        presence.shares_with(link)
+        for sender in senders:
+            sender.leading = False
+        if grip is not None:
+            grip.share_handed = lambda key, publish_id: link.publish(f"g {key.grip_channel(False)} {publish_id or '-'}")
+    app[LOCAL_OUTAGES] = [journal.saving if journal else link.working, hub.sweeping, presence.stats_reading]
     app[OUTAGES] = app[LOCAL_OUTAGES] + (purger.outages if purger else []) + (grip.outages if grip else [])
     if settings.grip_stats:
         import_zmq()  # missing, it is said at the start, not when the first report would come
@@ -3036,9 +3717,14 @@ async def run_background_work(app: web.Application):
     """Saves, sweeps, purging and publishing while the app runs, each a loop nothing ends but the
     stop; once every stream and request has ended, the final save, then the last purges and
     publishes (in durable mode the final save releases what it holds)."""
-    journal, hub, presence = app[JOURNAL], app[HUB], app[PRESENCE]
-    tasks = [asyncio.create_task(forever(journal.saving, journal.run_saves)),
-             asyncio.create_task(forever(hub.sweeping, hub.sweep_now_and_then))]
+    journal, hub, presence, link = app[JOURNAL], app[HUB], app[PRESENCE], app[REDIS]
+    tasks = [asyncio.create_task(forever(hub.sweeping, hub.sweep_now_and_then))]
+    if journal is not None:
+        tasks.append(asyncio.create_task(forever(journal.saving, journal.run_saves)))
+    if link is not None:
+        await start_on_redis(link, app[SEED])
+        tasks.append(asyncio.create_task(link.run()))
+        await wait_for_subscription(link, tasks[-1])
     if app[SETTINGS].grip_stats:
         tasks.append(asyncio.create_task(forever(presence.stats_reading, functools.partial(
             read_pushpin_stats, app[SETTINGS].grip_stats, presence))))
@@ -3047,11 +3733,37 @@ async def run_background_work(app: web.Application):
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
-    await journal.close()
+    if journal is not None:
+        await journal.close()
+    if link is not None:
+        await link.close()
     await asyncio.gather(*(sender.flushed(STOP_PUBLISH_TIMEOUT) for sender, _ in outbound))
     for _, task in outbound:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+REDIS_START = 10.0  # seconds a start waits for Redis to answer and its counters to load
+
+
+async def start_on_redis(link: RedisLink, seed: dict[str, int]) -> None:
+    """Redis answers, is fit for --durable if asked, and has counters (the data file's, the first
+    time): else ValueError, and the start fails with it."""
+    await link.check()
+    try:
+        if await asyncio.wait_for(link.seed(seed), REDIS_START):
+            log.info("Redis had no counters: the data file's %d are in it now", len(seed))
+    except Exception as error:  # noqa: BLE001 - the start says why, in one line
+        raise ValueError(f"--redis {shown_url(link.url)}: seeding its counters failed: {failure_reason(error)}") from None
+
+
+async def wait_for_subscription(link: RedisLink, running: asyncio.Task[None]) -> None:
+    """Serve once the replica is loaded and every change is heard: the first subscription."""
+    done, _ = await asyncio.wait([asyncio.ensure_future(link.subscribed.wait()), running], timeout=REDIS_START,
+                                 return_when=asyncio.FIRST_COMPLETED)
+    if not link.subscribed.is_set():
+        running.cancel()
+        raise ValueError(f"--redis {shown_url(link.url)}: {link.working.error or 'no subscription'}")
 
 
 async def end_streams(app: web.Application) -> None:
@@ -3505,6 +4217,8 @@ class Serving:
                        "passes the sockets", parse=port_number, metavar="PORT")
     no_access_log: bool = option(False, "don't log every request (the access log is in the combined format)",
                                  parse=switch, shown="logged")
+    workers: int = option(1, "processes serving the port together, one per core (needs --redis, where the "
+                          "counters they share live)", parse=positive_int, metavar="N")
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
@@ -3652,6 +4366,12 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         print(f"livecounter: {error}", file=sys.stderr)
         return 2
+    if args.workers > 1:
+        if not args.redis:
+            print("livecounter: --workers needs --redis: the processes keep their counters there, together",
+                  file=sys.stderr)
+            return 2
+        return supervise(args, sockets)
     warn_of_unsafe_settings(args, sockets)
     try:
         app = create_app(**{field.name: getattr(args, field.name) for field in OPTIONS if field.name in SETTING_NAMES},
@@ -3672,6 +4392,82 @@ def main(argv: list[str] | None = None) -> int:
         loop.close()
 
 
+# --workers N: a supervisor process holds the listening sockets (its own, or systemd's) and starts N
+# workers, each a whole livecounter on the counters they share in Redis, given the sockets as systemd
+# gives them (descriptor 3 on, LISTEN_PID, LISTEN_FDS). One socket for all: a connection waiting in
+# it goes to whichever worker accepts first, and none is lost when a worker dies. A worker that
+# dies is started again; SIGTERM or SIGINT stops them all (each stops as one process does).
+
+WORKER = "LIVECOUNTER_WORKER"  # set in a worker's environment: it says nothing at the start
+WORKER_RESTART_DELAY = 1.0  # seconds before a worker that died is started again
+
+
+def supervise(args: argparse.Namespace, sockets: list[socket.socket]) -> int:
+    if not sockets:
+        try:
+            sockets = [socket.create_server((args.host, args.port), backlog=4096,
+                                            family=socket.AF_INET6 if ":" in args.host else socket.AF_INET)]
+        except OSError as error:
+            print(f"livecounter: cannot listen on {args.host}:{args.port}: {error.strerror or error}", file=sys.stderr)
+            return 1
+    command = [sys.executable, os.path.abspath(__file__), *sys.argv[1:], "--workers", "1"]
+    workers = {start_worker(command, sockets): number for number in range(args.workers)}
+    stopping = False
+
+    def stop(signal_number: int, frame: object) -> None:
+        nonlocal stopping
+        if stopping:
+            log.warning("%s: already stopping (the workers save and exit); ignored", signal.Signals(signal_number).name)
+        stopping = True
+        for pid in workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+
+    for signal_number in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signal_number, stop)
+    print(f"livecounter serving {' '.join(map(socket_url, sockets))} with {args.workers} workers "
+          "(Ctrl+C to stop)", flush=True)
+    worst = 0
+    while workers:
+        pid, status = os.wait()
+        if pid not in workers:
+            continue
+        number = workers.pop(pid)
+        code = os.waitstatus_to_exitcode(status)
+        if stopping:
+            worst = max(worst, code if code >= 0 else 1)
+            continue
+        log.error("worker %d (pid %d) ended with %s; starting another in %g s", number, pid,
+                  f"status {code}" if code >= 0 else signal.Signals(-code).name, WORKER_RESTART_DELAY)
+        time.sleep(WORKER_RESTART_DELAY)
+        if not stopping:
+            workers[start_worker(command, sockets)] = number
+    return worst
+
+
+def start_worker(command: list[str], sockets: list[socket.socket]) -> int:
+    """A worker process given the listening sockets as systemd passes them; its pid."""
+    pid = os.fork()
+    if pid:
+        return pid
+    try:  # the child: the sockets at descriptor 3 on, then livecounter anew
+        moved = [os.dup(sock.fileno()) for sock in sockets]  # out of the way of descriptors 3 on
+        for number, descriptor in enumerate(moved):
+            os.dup2(descriptor, FIRST_PASSED_DESCRIPTOR + number, inheritable=True)
+        die_with_parent()
+        os.execve(command[0], command, {**os.environ, WORKER: "1", "LISTEN_PID": str(os.getpid()),
+                                        "LISTEN_FDS": str(len(sockets))})
+    finally:
+        os._exit(127)  # the exec failed
+
+
+def die_with_parent() -> None:
+    """Linux: this process gets SIGTERM when its parent (the supervisor) dies, even by kill -9."""
+    with contextlib.suppress(Exception):
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 async def serve(app: web.Application, host: str, port: int, access_log: logging.Logger | None,
                 sockets: Sequence[socket.socket] = ()) -> int:
     """Serve on host and port, or on the sockets systemd passed, until SIGINT or SIGTERM, then stop
@@ -3679,7 +4475,12 @@ async def serve(app: web.Application, host: str, port: int, access_log: logging.
     signal doesn't cut that short (aiohttp's run_app would cancel the stop, final save included): it
     is logged and ignored."""
     runner = web.AppRunner(app, access_log=access_log, access_log_class=AccessLogger, shutdown_timeout=5)
-    await runner.setup()
+    try:
+        await runner.setup()  # with --redis: Redis answers, and its counters are loaded
+    except (ValueError, DataFileError) as error:
+        print(f"livecounter: {error}", file=sys.stderr)
+        await runner.cleanup()
+        return 2
     if sockets:
         # Socket activation: systemd keeps listening (with its socket unit's backlog) while no
         # livecounter runs, so a restart refuses no connection: they wait for the next process.
@@ -3706,7 +4507,8 @@ async def serve(app: web.Application, host: str, port: int, access_log: logging.
 
     for signal_number in (signal.SIGINT, signal.SIGTERM):
         asyncio.get_running_loop().add_signal_handler(signal_number, on_signal, signal_number)
-    print(f"livecounter serving {' '.join(urls)} (Ctrl+C to stop)", flush=True)
+    if WORKER not in os.environ:  # a worker's supervisor says where they serve
+        print(f"livecounter serving {' '.join(urls)} (Ctrl+C to stop)", flush=True)
     await stopping.wait()
     await stop_accepting(runner)
     await runner.cleanup()
