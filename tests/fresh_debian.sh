@@ -6,7 +6,7 @@
 # committed tree cloned in, and the two commands run in it by the chroot's `sh` with a clean
 # environment. Opt-in, not in CI: it needs root, debootstrap and the distribution's mirror, and takes
 # about a minute and a half (of the tests, the few that need outside programs; FRESH_DEBIAN_FULL=1
-# runs the second command's whole pytest as written, four minutes more).
+# runs the second command's whole pytest as written: about 4 minutes in all).
 #
 #   sudo tests/fresh_debian.sh            # Debian 12 (bookworm)
 #   sudo tests/fresh_debian.sh noble      # Ubuntu 24.04
