@@ -20,8 +20,9 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from tests.helpers import SSE, Server, frame, free_port, metric, read_frame, read_until_value, wait_until
 from tests.test_browser import browser, open_page, other_origin, readme_snippet, shows, uncaught  # noqa: F401 (fixtures)
-from tests.helpers import Server, free_port, metric, wait_until
+from tests.test_pushpin import SIG_KEY, Pushpin, needs_pushpin
 
 ROOT = Path(__file__).resolve().parent.parent
 NGINX = shutil.which("nginx", path=os.environ.get("PATH", "") + ":/usr/sbin")
@@ -217,3 +218,63 @@ async def test_a_page_of_eight_streams_is_live_over_http2(behind_nginx, browser,
         log = (nginx.directory / "access.log").read_text()
         return re.findall(r'"GET /counters/\?ids=\S+ (HTTP/[\d.]+)"', log) if '"GET /embed.js HTTP/2.0"' in log else []
     assert await wait_until(lambda: len(streams_logged()) >= 8) and set(streams_logged()) == {"HTTP/2.0"}
+
+
+# --- the site in front of Pushpin ---------------------------------------------------------------------
+
+async def test_in_front_of_pushpin_streams_are_held_there_and_livecounter_sees_each_client(tmp_path, data_file):
+    """The documented variant with Pushpin (README, "Scaling out"): the site's upstream is Pushpin's
+    port (7999 shipped) instead of livecounter's, so nginx keeps TLS and HTTP/2, and Pushpin, from the
+    shipped config, passes nginx's X-Forwarded-For on as it came: appending its own peer (nginx, at
+    127.0.0.1) would make every client 127.0.0.1 to --trust-proxy, one --post-rate budget for all.
+    While livecounter is down, Pushpin's 502 becomes nginx's: an event stream is dropped unanswered."""
+    if NGINX is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("nginx is missing: .ci/run installs it with apt-get")
+        pytest.skip("needs Debian's nginx: apt-get install nginx-light")
+    needs_pushpin()
+    livecounter = Server(data_file, "--trust-proxy", "--post-rate", "1")
+    (tmp_path / "pushpin").mkdir()
+    pushpin = Pushpin(tmp_path / "pushpin", livecounter.port)
+    nginx = Nginx(tmp_path / "nginx", pushpin.http_port, tls=True)
+    try:
+        await pushpin.start()
+        livecounter.args += ["--grip-url", pushpin.grip_url, "--grip-key", SIG_KEY]
+        await livecounter.start()
+        await nginx.start()
+        async with aiohttp.ClientSession() as session:
+            listener = await session.get(f"{nginx.url}counters/3/", headers=SSE)
+            assert listener.status == 200 and "Grip-Hold" not in listener.headers
+            assert await read_frame(listener) == frame(0)
+            assert await metric(session, livecounter.url, "listeners") == 0  # Pushpin holds it
+            # Three clients at addresses of their own: a view a second each (bursts of two), all taken.
+            for value, address in enumerate(("127.0.0.2", "127.0.0.2", "127.0.0.3", "127.0.0.4"), 1):
+                client = aiohttp.TCPConnector(local_addr=(address, 0))
+                async with aiohttp.ClientSession(connector=client) as browser:
+                    async with browser.post(f"{nginx.url}counters/3/") as response:
+                        assert (response.status, await response.text()) == (200, f"{value}\n"), address
+            assert (await read_until_value(listener, 4))[-1] == 4
+        posts = [line.split(" INFO aiohttp.access: ")[1].split(" ")[0]
+                 for line in livecounter.log.read_text().splitlines() if '"POST /counters/3/ ' in line]
+        assert posts == ["127.0.0.2", "127.0.0.2", "127.0.0.3", "127.0.0.4"]
+
+        curl = await asyncio.create_subprocess_exec(  # HTTPS and HTTP/2 from nginx, the stream from Pushpin
+            "curl", "--http2", "--insecure", "--silent", "--no-buffer", "--max-time", "2",
+            "--header", "Accept: text/event-stream", "--write-out", "\nhttp_version=%{http_version}\n",
+            f"{nginx.tls_url}counters/3/", stdout=asyncio.subprocess.PIPE)
+        out, _ = await curl.communicate()
+        assert b"event: message\ndata: 4\n\n" in out and out.endswith(b"\nhttp_version=2\n"), out
+
+        assert await livecounter.stop() == 0
+        assert await stream_answer(nginx.port) == b""  # dropped, not Pushpin's 502: EventSource retries
+        async with aiohttp.ClientSession() as session:
+            response = await session.get(f"{nginx.url}counters/3/")
+            assert (response.status, response.headers.getall(ALLOW_ORIGIN)) == (502, ["*"])
+    finally:
+        if getattr(livecounter, "process", None) is not None and livecounter.process.returncode is None:
+            await livecounter.stop()
+        if nginx.process is not None and nginx.process.returncode is None:
+            await nginx.stop()
+        if pushpin.process is not None and pushpin.process.returncode is None:
+            await pushpin.stop()
+        pushpin.kill()

@@ -28,12 +28,20 @@ from tests.helpers import (SSE, Server, frame, free_port, metric, open_fds, read
 
 ROOT = Path(__file__).resolve().parent.parent
 SIG_KEY = "a-sig-key-of-32-bytes-or-more-for-hs256"
+PUSHPIN_INTERNAL_CONF = Path("/usr/lib/pushpin/internal.conf")  # Debian's {libdir}/internal.conf
 
 
 class Pushpin:
-    """A private Pushpin in a temp dir: its own ports, run dir, logs, zurl and routes."""
+    """A private Pushpin in a temp dir: its own ports, run dir, logs, zurl and routes.
 
-    def __init__(self, directory: Path, origin_port: int, handler: dict[str, str] | None = None) -> None:
+    With `zurl` (a directory), the shipped layout instead: the config as shipped but for its ports and
+    directories, so the runner starts no zurl, and the proxy reaches the origin through a zurl running
+    as a service of its own (`Zurl`), as under Debian's packaging, with its sockets in that directory
+    rather than /var/run/zurl. Without it, the runner starts a zurl of its own (services=), and the
+    proxy talks to that one."""
+
+    def __init__(self, directory: Path, origin_port: int, handler: dict[str, str] | None = None,
+                 zurl: Path | None = None) -> None:
         self.directory = directory
         self.http_port = free_port()
         offset = random.randrange(10_000, 27_000)  # below the ephemeral ports (32768+)
@@ -45,13 +53,27 @@ class Pushpin:
         (directory / "log").mkdir(exist_ok=True)
         (directory / "routes").write_text(f"* 127.0.0.1:{origin_port}\n")
         config["global"].update(rundir=str(directory / "run"), port_offset=str(offset))
-        config["runner"].update(http_port=str(self.http_port), logdir=str(directory / "log"), log_level=os.environ.get("PUSHPIN_LOG_LEVEL", "2"),
-                                services="condure,zurl,pushpin-proxy,pushpin-handler")
-        config["proxy"].update(
-            routesfile=str(directory / "routes"), sig_key=SIG_KEY,
-            zurl_out_specs="ipc://{rundir}/{ipc_prefix}zurl-in",
-            zurl_out_stream_specs="ipc://{rundir}/{ipc_prefix}zurl-in-stream",
-            zurl_in_specs="ipc://{rundir}/{ipc_prefix}zurl-out")
+        # The shipped http_port may name an address (127.0.0.1:7999): only the port changes.
+        http_port = re.sub(r"[0-9]+$", str(self.http_port), config["runner"]["http_port"])
+        config["runner"].update(http_port=http_port, logdir=str(directory / "log"))
+        config["proxy"].update(routesfile=str(directory / "routes"))
+        if zurl is None:
+            config["runner"].update(log_level=os.environ.get("PUSHPIN_LOG_LEVEL", "2"),
+                                    services="condure,zurl,pushpin-proxy,pushpin-handler")
+            config["proxy"].update(
+                sig_key=SIG_KEY,
+                zurl_out_specs="ipc://{rundir}/{ipc_prefix}zurl-in",
+                zurl_out_stream_specs="ipc://{rundir}/{ipc_prefix}zurl-in-stream",
+                zurl_in_specs="ipc://{rundir}/{ipc_prefix}zurl-out")
+        else:
+            # Pushpin's defaults for these (its internal.conf) name Debian's zurl service's sockets.
+            internal = configparser.ConfigParser(interpolation=None, strict=False)
+            internal.read(PUSHPIN_INTERNAL_CONF)
+            for spec in ("zurl_out_specs", "zurl_out_stream_specs", "zurl_in_specs"):
+                default = internal["proxy"][spec]
+                assert default.startswith("ipc:///var/run/zurl/"), f"Pushpin's {spec} is {default} now: adapt"
+                config["proxy"][spec] = default.replace("/var/run/zurl/", f"{zurl}/")
+        self.sig_key = config["proxy"]["sig_key"]
         config["handler"].update(handler or {})
         self.config_file = directory / "pushpin.conf"
         with open(self.config_file, "w") as file:
@@ -60,18 +82,28 @@ class Pushpin:
         self.grip_url = f"http://127.0.0.1:{self.publish_port}/"
         self.process: asyncio.subprocess.Process | None = None
 
-    async def start(self) -> "Pushpin":
+    async def start(self, through_proxy: bool = True) -> "Pushpin":
+        """Up once its ports take connections and, unless through_proxy is false, requests get answers
+        through its proxy."""
         with open(self.directory / "pushpin.out", "ab") as out:
             self.process = await asyncio.create_subprocess_exec(
                 "pushpin", "--config", str(self.config_file), stdout=out, stderr=out,
                 start_new_session=True)
-        await asyncio.wait_for(self._ready(), 20)  # asyncio.timeout() is Python 3.11+
+        await asyncio.wait_for(self._ports_open(), 20)  # asyncio.timeout() is Python 3.11+
+        if through_proxy:
+            await self.ready()
         return self
 
-    async def _ready(self) -> None:
+    async def _ports_open(self) -> None:
         for port in (self.http_port, self.publish_port):
             while not port_open(port):
                 await asyncio.sleep(0.1)
+
+    async def ready(self) -> None:
+        await asyncio.wait_for(self._ready(), 20)
+
+    async def _ready(self) -> None:
+        await self._ports_open()
         # Open ports are not enough: for a while condure answers "503 Accept service
         # unavailable" on some connections (its workers join the proxy one by one), and a
         # request that reaches the proxy before zurl is up hangs (both seen after a restart).
@@ -112,14 +144,50 @@ def port_open(port: int) -> bool:
         return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
-@contextlib.asynccontextmanager
-async def behind_pushpin(tmp_path, data_file, *args, env=None, handler=None):
-    """livecounter (python livecounter.py, with args and env) behind a private Pushpin whose
-    [handler] settings handler overrides: (origin, pushpin)."""
+class Zurl:
+    """zurl as Debian's zurl package runs it, a service of its own (/etc/init.d/zurl: `zurl
+    --config=/etc/zurl.conf --logfile=/var/log/zurl.log`), but for its sockets: /etc/zurl.conf's
+    ipc paths in `directory` instead of /var/run/zurl."""
+
+    def __init__(self, directory: Path) -> None:
+        directory.mkdir(exist_ok=True)
+        self.directory = directory
+        config = Path("/etc/zurl.conf").read_text()
+        assert "ipc:///var/run/zurl/zurl-in" in config, "Debian's /etc/zurl.conf changed: adapt this test"
+        self.config_file = directory / "zurl.conf"
+        self.config_file.write_text(config.replace("ipc:///var/run/zurl/", f"ipc://{directory}/"))
+        self.process: asyncio.subprocess.Process | None = None
+
+    async def start(self) -> "Zurl":
+        with open(self.directory / "zurl.out", "ab") as out:
+            self.process = await asyncio.create_subprocess_exec(
+                "zurl", f"--config={self.config_file}", f"--logfile={self.directory / 'zurl.log'}",
+                stdout=out, stderr=out, start_new_session=True)
+
+        async def bound() -> None:  # its sockets are files once bound
+            while not all((self.directory / name).exists() for name in ("zurl-in", "zurl-in-stream", "zurl-out")):
+                await asyncio.sleep(0.05)
+        await asyncio.wait_for(bound(), 10)
+        return self
+
+    async def stop(self) -> None:
+        if self.process is not None and self.process.returncode is None:
+            self.process.send_signal(signal.SIGTERM)
+            await asyncio.wait_for(self.process.wait(), 10)
+
+
+def needs_pushpin() -> None:
     if shutil.which("pushpin") is None:
         if os.environ.get("CI") == "true":
             pytest.fail("pushpin is missing: .ci/run installs it with apt-get")
         pytest.skip("needs Debian's pushpin: apt-get install pushpin")
+
+
+@contextlib.asynccontextmanager
+async def behind_pushpin(tmp_path, data_file, *args, env=None, handler=None):
+    """livecounter (python livecounter.py, with args and env) behind a private Pushpin whose
+    [handler] settings handler overrides: (origin, pushpin)."""
+    needs_pushpin()
     origin = Server(data_file, env=env)
     pushpin = Pushpin(tmp_path, origin.port, handler)
     try:
@@ -163,6 +231,44 @@ async def test_listeners_through_pushpin_get_the_first_value_and_every_change(se
         metrics = await (await session.get(f"{origin.url}/metrics")).text()
         assert "livecounter_listeners 0\n" in metrics  # livecounter holds none of them
         assert "livecounter_grip_publishing_failing 0\n" in metrics
+
+
+async def test_the_shipped_config_proxies_through_zurl_running_as_a_service_of_its_own(tmp_path, data_file):
+    """deploy/pushpin/pushpin.conf, like Debian's, has Pushpin's runner start condure and Pushpin's
+    proxy and handler, not zurl: Debian's zurl package runs zurl as a service of its own, and the proxy
+    sends every request for the origin through its sockets (/var/run/zurl/zurl-in). Run by hand
+    without that service, a request through Pushpin gets no answer (Pushpin 1.36 answers 502 after
+    60 s); with zurl started as the service would start it, a stream works. Only ports and
+    directories differ from the shipped files (the sig_key too is the shipped placeholder)."""
+    needs_pushpin()
+    origin = Server(data_file)
+    pushpin = Pushpin(tmp_path, origin.port, zurl=tmp_path / "zurl")
+    zurl = Zurl(tmp_path / "zurl")
+    try:
+        await pushpin.start(through_proxy=False)
+        origin.args += ["--grip-url", pushpin.grip_url, "--grip-key", pushpin.sig_key]
+        await origin.start()
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=3)) as session:
+            with pytest.raises(asyncio.TimeoutError):  # 3.10: not the builtin TimeoutError
+                await session.get(f"{pushpin.url}/counters/2/", headers=SSE)
+
+        await zurl.start()
+        await pushpin.ready()
+        async with aiohttp.ClientSession() as session:
+            listener = await session.get(f"{pushpin.url}/counters/2/", headers=SSE)
+            assert listener.status == 200 and "Grip-Hold" not in listener.headers  # held by Pushpin
+            assert await read_frame(listener) == frame(0)
+            assert await (await session.post(f"{pushpin.url}/counters/2/")).text() == "1\n"
+            assert await read_until_value(listener, 1) == [1]
+            assert await metric(session, origin.url, "listeners") == 0
+    finally:
+        if getattr(origin, "process", None) is not None and origin.process.returncode is None:
+            await origin.stop()
+        if pushpin.process is not None and pushpin.process.returncode is None:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await pushpin.stop()
+        pushpin.kill()
+        await zurl.stop()
 
 
 async def test_hundreds_of_listeners_through_pushpin_cost_livecounter_no_sockets(setup):
@@ -273,10 +379,7 @@ async def test_deleting_a_counter_ends_its_streams_on_pushpin(setup, data_file):
 async def test_a_pushpin_that_answers_garbage_fails_alone(tmp_path, data_file, aiohttp_server):
     # Two publish targets: a real Pushpin, and an endpoint answering 500 with bytes that aren't UTF-8.
     # The bad one is an outage of its own (logged once, retried); the real one keeps getting every change.
-    if shutil.which("pushpin") is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("pushpin is missing: .ci/run installs it with apt-get")
-        pytest.skip("needs Debian's pushpin: apt-get install pushpin")
+    needs_pushpin()
     bad_answers = 0
 
     async def garbage(request):

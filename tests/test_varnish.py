@@ -379,8 +379,8 @@ async def test_a_purge_from_elsewhere_is_refused(setup):
 
 
 async def test_livecounter_behind_pushpin_and_varnish_sees_the_browsers_address(tmp_path, data_file):
-    # Pushpin appends the browser's address to X-Forwarded-For, and Varnish would append Pushpin's:
-    # --trust-proxy takes the last. From a proxy on this machine, the VCL leaves the header as it came.
+    # nginx appends the browser's address to X-Forwarded-For (Pushpin passes it on), and Varnish
+    # would append Pushpin's: --trust-proxy takes the last. From a proxy on this machine, the VCL leaves the header as it came.
     async with behind_varnish(tmp_path, data_file, "--trust-proxy") as (origin, varnish):
         async with aiohttp.ClientSession() as session:
             headers = {"X-Forwarded-For": "198.51.100.4, 203.0.113.7"}
