@@ -1699,12 +1699,16 @@ class Presence:
         """Forget the counts of processes not heard from within DEAD_AFTER: one that died counts nobody."""
         now = time.monotonic()
         for process in [process for process, heard in self._heard_from.items() if now - heard > DEAD_AFTER]:
-            del self._heard_from[process]
-            for counter_id, counts in list(self._remote.items()):
-                if counts.pop(process, None) is not None:
-                    if not counts:
-                        del self._remote[counter_id]
-                    self.changed(counter_id)
+            self.gone(process)
+
+    def gone(self, process: str) -> None:
+        """A process that stopped, or died: its counts go."""
+        self._heard_from.pop(process, None)
+        for counter_id, counts in list(self._remote.items()):
+            if counts.pop(process, None) is not None:
+                if not counts:
+                    del self._remote[counter_id]
+                self.changed(counter_id)
 
     def reported(self, report: dict[str, Any]) -> None:
         """A `sub` report from Pushpin's stats: one channel's subscribers on one Pushpin instance.
@@ -2593,14 +2597,13 @@ class RedisLink:
         """The data file's counters, into a Redis that never had any (the first start, once): whether
         this process put them in. Another process doing it meanwhile is waited for."""
         seeded = REDIS_PREFIX + "seeded"
-        if await self.client.set(seeded, "in progress", nx=True, ex=300):
+        if await self.client.set(seeded, "in progress", nx=True, ex=300):  # the others wait for "done"
             ids = list(counters)
             for start in range(0, len(ids), SEED_CHUNK):
                 chunk = {counter_id: counters[counter_id] for counter_id in ids[start:start + SEED_CHUNK]}
                 pipe = self.client.pipeline(transaction=False)
-                for counter_id, value in chunk.items():
-                    pipe.hsetnx(self._keys[0], counter_id, value)
-                pipe.zadd(self._keys[2], {counter_id: start + number for number, counter_id in enumerate(chunk)}, nx=True)
+                pipe.hset(self._keys[0], mapping=chunk)
+                pipe.zadd(self._keys[2], {counter_id: start + number for number, counter_id in enumerate(chunk)})
                 await pipe.execute()
             await self.client.set(self._keys[3], len(ids), nx=True)
             await self.client.set(seeded, "done")
@@ -2651,11 +2654,11 @@ class RedisLink:
         pubsub = self.client.pubsub(ignore_subscribe_messages=True)
         try:
             await asyncio.wait_for(pubsub.subscribe(REDIS_PREFIX + "changes"), REDIS_GIVE_UP)
+            if self.durable:  # again: a failover may have made another Redis the primary
+                await self.check()
             if self.on_subscribed is not None:
                 await self.on_subscribed()
             self.subscribed.set()
-            if self.durable:
-                await self._count_replicas()
             await asyncio.wait_for(self._change(keys=self._keys, args=["probe"]), REDIS_GIVE_UP)
             self.working.succeeded()
             quiet_since = time.monotonic()
@@ -2692,6 +2695,7 @@ class RedisLink:
         except Exception:
             self._counts_to_store = counts | self._counts_to_store
             raise
+        self.working.succeeded()  # writes work again (the leader's key is one): changes are taken again
         self.on_beat()
         if (leading := answers[-1] == 1) != self.leading:
             log.info("this process %s", "leads: it purges caches and publishes to Pushpin" if leading
@@ -2700,10 +2704,14 @@ class RedisLink:
             self.on_leadership(leading)
 
     async def close(self) -> None:
+        """On a stop: this process's counts go at once (not DEAD_AFTER later), and its leadership."""
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.client.delete(REDIS_PREFIX + "watchers:" + self.process), REDIS_GIVE_UP)
+            pipe = self.client.pipeline(transaction=False)
+            pipe.delete(REDIS_PREFIX + "watchers:" + self.process)
+            pipe.publish(REDIS_PREFIX + "changes", f"x {self.process}")
             if self.leading:
-                await asyncio.wait_for(self.client.delete(REDIS_PREFIX + "leader"), REDIS_GIVE_UP)
+                pipe.delete(REDIS_PREFIX + "leader")
+            await asyncio.wait_for(pipe.execute(), REDIS_GIVE_UP)
         with contextlib.suppress(Exception):
             await self.client.aclose()
 
@@ -2824,6 +2832,8 @@ def hear_from_redis(link: RedisLink, store: RedisCounters, presence: Presence, g
     elif kind == "h":
         if (process := message[2:]) != link.process:
             presence.alive(process)
+    elif kind == "x":  # a process that stopped: its counts go now
+        presence.gone(message[2:])
     elif kind == "g" and grip is not None:
         _, channel, publish_id = message.split(" ")
         if (named := Key.of_grip_channel(channel)) is not None:
@@ -3743,7 +3753,8 @@ async def run_background_work(app: web.Application):
         await asyncio.gather(task, return_exceptions=True)
 
 
-REDIS_START = 10.0  # seconds a start waits for Redis to answer and its counters to load
+REDIS_START = 10.0  # seconds a start waits for its first subscription to Redis, the counters loaded
+REDIS_SEED_TIME = 120.0  # seconds a start waits for the data file's counters to go into an empty Redis
 
 
 async def start_on_redis(link: RedisLink, seed: dict[str, int]) -> None:
@@ -3751,7 +3762,7 @@ async def start_on_redis(link: RedisLink, seed: dict[str, int]) -> None:
     time): else ValueError, and the start fails with it."""
     await link.check()
     try:
-        if await asyncio.wait_for(link.seed(seed), REDIS_START):
+        if await asyncio.wait_for(link.seed(seed), REDIS_SEED_TIME):
             log.info("Redis had no counters: the data file's %d are in it now", len(seed))
     except Exception as error:  # noqa: BLE001 - the start says why, in one line
         raise ValueError(f"--redis {shown_url(link.url)}: seeding its counters failed: {failure_reason(error)}") from None
