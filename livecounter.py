@@ -2491,6 +2491,7 @@ class RedisLink:
         self._pending: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []  # writes of this turn
         self._heard = asyncio.Event()  # set by each message: the subscription lives
         self._counts_to_store: dict[str, int] = {}  # this process's counts, for its hash at the next beat
+        self._beaten = False
         self.subscribed = asyncio.Event()  # the first subscription is made, and the replica loaded
         # What the rest of the process does with what the link hears (wired in create_app):
         self.on_message: Callable[[str], None] = lambda message: None
@@ -2677,8 +2678,11 @@ class RedisLink:
                 await asyncio.wait_for(pubsub.aclose(), REDIS_GIVE_UP)
 
     async def _beat(self) -> None:
-        """Every HEARTBEAT: say this process lives, keep its shared counts, take or keep the leadership."""
-        await asyncio.sleep(HEARTBEAT)
+        """Every HEARTBEAT (the first at once): say this process lives, keep its shared counts, take
+        or keep the leadership."""
+        if self._beaten:
+            await asyncio.sleep(HEARTBEAT)
+        self._beaten = True
         watchers = REDIS_PREFIX + "watchers:" + self.process
         counts, self._counts_to_store = self._counts_to_store, {}
         pipe = self.client.pipeline(transaction=False)
@@ -4362,7 +4366,12 @@ def passed_sockets() -> list[socket.socket]:
     return sockets
 
 
+STOP_ASKED_EARLY: list[int] = []  # SIGTERM or SIGINT that came before serve() took them over
+
+
 def main(argv: list[str] | None = None) -> int:
+    for signal_number in (signal.SIGINT, signal.SIGTERM):  # a stop asked while starting still saves
+        signal.signal(signal_number, lambda number, frame: STOP_ASKED_EARLY.append(number))
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     raise_open_file_limit()
@@ -4445,8 +4454,8 @@ def supervise(args: argparse.Namespace, sockets: list[socket.socket]) -> int:
             continue
         number = workers.pop(pid)
         code = os.waitstatus_to_exitcode(status)
-        if stopping:
-            worst = max(worst, code if code >= 0 else 1)
+        if stopping:  # one still starting when the stop came dies of its SIGTERM: it had nothing to do
+            worst = max(worst, 0 if code == -signal.SIGTERM else code if code >= 0 else 1)
             continue
         log.error("worker %d (pid %d) ended with %s; starting another in %g s", number, pid,
                   f"status {code}" if code >= 0 else signal.Signals(-code).name, WORKER_RESTART_DELAY)
@@ -4518,12 +4527,15 @@ async def serve(app: web.Application, host: str, port: int, access_log: logging.
 
     for signal_number in (signal.SIGINT, signal.SIGTERM):
         asyncio.get_running_loop().add_signal_handler(signal_number, on_signal, signal_number)
+    if STOP_ASKED_EARLY:  # a signal while it started (a supervisor's stop): stop as soon as it serves
+        stopping.set()
     if WORKER not in os.environ:  # a worker's supervisor says where they serve
         print(f"livecounter serving {' '.join(urls)} (Ctrl+C to stop)", flush=True)
     await stopping.wait()
     await stop_accepting(runner)
     await runner.cleanup()
-    return 0 if app[JOURNAL].save_error is None else 1  # the final save failed: systemd and the operator see it
+    journal = app[JOURNAL]  # None with --redis: nothing of its own to save
+    return 0 if journal is None or journal.save_error is None else 1  # the final save failed: systemd sees it
 
 
 ARRIVAL_GRACE = 0.1  # seconds for the requests of connections just accepted to arrive, when stopping

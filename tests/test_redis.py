@@ -1,0 +1,385 @@
+"""Counters in Redis (--redis): real redis-server and redis-sentinel processes (Debian's packages,
+7.0), private to each test (their own ports and directories), and `python livecounter.py` processes
+sharing them: changes reach every process's streams, watcher counts are summed, writes survive a
+Redis killed and restarted and a Sentinel failover, --workers share one port.
+
+Without redis-server these tests skip on a developer's machine and fail under CI=true (`.ci/run`
+installs it).
+"""
+
+import asyncio
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from tests.helpers import HERE, SSE, Server, free_port, metric, read_retry, wait_until
+
+
+def need_redis(program="redis-server"):
+    if shutil.which(program) is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{program} is missing: .ci/run installs it with apt-get")
+        pytest.skip(f"needs Debian's {program}: apt-get install redis-server redis-sentinel")
+
+
+class Redis:
+    """A private redis-server in the foreground: its own port and directory, the changes it acknowledges
+    on disk (appendonly, appendfsync always) unless told otherwise."""
+
+    def __init__(self, directory: Path, *args: str, port: int | None = None, appendfsync: str = "always") -> None:
+        need_redis()
+        self.directory = directory
+        directory.mkdir(parents=True, exist_ok=True)
+        self.port = port or free_port()
+        self.args = ["--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(directory), "--save", "",
+                     "--appendonly", "yes", "--appendfsync", appendfsync, "--logfile", str(directory / "redis.log"),
+                     *args]
+        self.url = f"redis://127.0.0.1:{self.port}/"
+        self.process: subprocess.Popen | None = None
+
+    async def start(self) -> "Redis":
+        self.process = subprocess.Popen(["redis-server", *self.args], stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.DEVNULL, start_new_session=True)
+        await wait_until(lambda: self.answers(), timeout=10, message=f"redis-server on {self.port} answers")
+        return self
+
+    def answers(self) -> bool:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(64).startswith(b"+PONG")
+        return False
+
+    def command(self, *args: str) -> str:
+        return subprocess.run(["redis-cli", "-p", str(self.port), *args], capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+
+
+@pytest.fixture
+async def redis(tmp_path):
+    server = await Redis(tmp_path / "redis").start()
+    yield server
+    server.kill()
+
+
+def livecounter(data_file, redis_url, *args, env=None):
+    """python livecounter.py on the shared Redis, with the admin token "admin"."""
+    return Server(data_file, "--redis", redis_url, "--no-access-log", "--max-listeners-per-ip", "10000", *args,
+                  env={"LIVECOUNTER_ADMIN_TOKEN": "admin", **(env or {})})
+
+
+async def follow(session, url, values):
+    """Read a stream's values into the list values, until cancelled."""
+    response = await session.get(url, headers=SSE)
+    assert response.status == 200, await response.text()
+    await read_retry(response)
+    while block := await response.content.readuntil(b"\n\n"):
+        if found := re.search(rb"data: (\d+)", block):
+            values.append(int(found[1]))
+
+
+# --- two processes, one Redis ---------------------------------------------------------------------
+
+async def test_two_processes_share_their_counters_and_every_stream_follows(redis, data_file):
+    first, second = await livecounter(data_file, redis.url).start(), await livecounter(data_file, redis.url).start()
+    async with aiohttp.ClientSession() as session:
+        seen = []
+        reader = asyncio.create_task(follow(session, f"{second.url}/counters/2/", seen))
+        await wait_until(lambda: seen == [0])
+        started = time.monotonic()
+        assert await (await session.post(f"{first.url}/counters/2/")).text() == "1\n"
+        await wait_until(lambda: seen == [0, 1], timeout=1, message="the other process's stream has it within 1 s")
+        assert time.monotonic() - started < 1
+        assert await (await session.get(f"{second.url}/counters/2/")).text() == "1\n"
+        put = await session.put(f"{second.url}/counters/new/", json={"value": 41}, headers={"Authorization": "Bearer admin"})
+        assert (put.status, await put.text()) == (200, "41\n")
+        assert await (await session.post(f"{first.url}/counters/new/")).text() == "42\n"
+        assert (await session.get(f"{second.url}/counters/")).status == 200
+        assert (await (await session.get(f"{second.url}/counters/")).json())["new"] == 42
+        assert (await session.delete(f"{first.url}/counters/new/", headers={"Authorization": "Bearer admin"})).status == 204
+        await wait_until(lambda: _status(session, f"{second.url}/counters/new/", 404))
+        reader.cancel()
+    assert await first.stop() == 0 and await second.stop() == 0
+
+
+async def _status(session, url, status):
+    return (await session.get(url)).status == status
+
+
+async def test_2000_posts_over_two_processes_lose_none_and_every_stream_ends_on_the_last(redis, data_file):
+    processes = [await livecounter(data_file, redis.url).start() for _ in range(2)]
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+        streams = [[] for _ in range(10)]
+        readers = [asyncio.create_task(follow(session, f"{processes[n % 2].url}/counters/5/", values))
+                   for n, values in enumerate(streams)]
+        await wait_until(lambda: all(values == [0] for values in streams))
+        answers = []
+
+        async def post(process, count):
+            for _ in range(count):
+                answers.append(int(await (await session.post(f"{process.url}/counters/5/")).text()))
+        await asyncio.gather(*(post(processes[n % 2], 100) for n in range(20)))
+        assert sorted(answers) == list(range(1, 2001)), "every answer a different value: none lost, none twice"
+        await wait_until(lambda: all(values[-1] == 2000 for values in streams), timeout=5,
+                         message="every stream on both ends on 2000")
+        for values in streams:
+            assert values == sorted(values), "a stream went backwards"
+        for reader in readers:
+            reader.cancel()
+        for process in processes:
+            assert await (await session.get(f"{process.url}/counters/5/")).text() == "2000\n"
+    assert redis.command("HGET", "{livecounter}:values", "5") == "2000"
+    for process in processes:
+        assert await process.stop() == 0
+
+
+async def test_a_counter_watched_on_two_processes_counts_on_both(redis, data_file):
+    first, second = await livecounter(data_file, redis.url).start(), await livecounter(data_file, redis.url).start()
+    async with aiohttp.ClientSession() as session:
+        counts = []
+        count_reader = asyncio.create_task(follow(session, f"{first.url}/counters/3/watchers/", counts))
+        here, there = [], []
+        readers = [asyncio.create_task(follow(session, f"{first.url}/counters/3/", here)),
+                   asyncio.create_task(follow(session, f"{second.url}/counters/3/", there))]
+
+        async def watchers(process, expected):
+            return await (await session.get(f"{process.url}/counters/3/watchers/")).text() == f"{expected}\n"
+        await wait_until(lambda: watchers(first, 2), timeout=3, message="both streams counted on the first")
+        await wait_until(lambda: watchers(second, 2), timeout=3, message="both streams counted on the second")
+        await wait_until(lambda: counts and counts[-1] == 2, timeout=3, message="a stream of the count says 2")
+        second.process.kill()  # a process that dies stops counting within a few seconds
+        await second.process.communicate()
+        await wait_until(lambda: watchers(first, 1), timeout=6, message="the dead process's stream uncounted")
+        await wait_until(lambda: counts[-1] == 1, timeout=3)
+        for reader in [*readers, count_reader]:
+            reader.cancel()
+    assert await first.stop() == 0
+
+
+async def test_the_data_file_seeds_an_empty_redis_once(redis, tmp_path):
+    first_file = tmp_path / "first.json"
+    first_file.write_text(json.dumps({"a": 5, "b": 7}))
+    process = await livecounter(first_file, redis.url).start()
+    async with aiohttp.ClientSession() as session:
+        assert await (await session.get(f"{process.url}/counters/")).json() == {"a": 5, "b": 7}
+        await session.post(f"{process.url}/counters/a/")
+    await process.stop()
+    assert json.loads(first_file.read_text()) == {"a": 5, "b": 7}, "with --redis the data file is only read"
+    other_file = tmp_path / "other.json"
+    other_file.write_text(json.dumps({"c": 1}))
+    process = await livecounter(other_file, redis.url).start()
+    async with aiohttp.ClientSession() as session:  # Redis had counters: the other file is not put in
+        assert await (await session.get(f"{process.url}/counters/")).json() == {"a": 6, "b": 7}
+    await process.stop()
+
+
+# --- Redis failing -------------------------------------------------------------------------------
+
+async def test_with_redis_down_writes_are_refused_at_once_reads_go_on_and_streams_catch_up(redis, data_file):
+    processes = [await livecounter(data_file, redis.url).start() for _ in range(2)]
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+        seen = [[], []]
+        readers = [asyncio.create_task(follow(session, f"{process.url}/counters/1/", values))
+                   for process, values in zip(processes, seen)]
+        for _ in range(5):
+            await session.post(f"{processes[0].url}/counters/1/")
+        await wait_until(lambda: all(values and values[-1] == 5 for values in seen))
+        posting, acknowledged, refused_times = True, 0, []
+
+        async def load(process):
+            nonlocal acknowledged
+            while posting:
+                started = time.monotonic()
+                response = await session.post(f"{process.url}/counters/1/")
+                if response.status == 200:
+                    acknowledged += 1
+                else:
+                    assert response.status == 503 and response.headers["Retry-After"].isdigit()
+                    refused_times.append(time.monotonic() - started)
+                    await asyncio.sleep(0.05)
+        loads = [asyncio.create_task(load(process)) for process in processes]
+        await asyncio.sleep(0.5)
+        redis.kill()  # under load
+        await wait_until(lambda: len(refused_times) > 20, timeout=10)
+        assert max(refused_times) < 2, "a refusal came within 2 s"
+        for process in processes:
+            health = await session.get(f"{process.url}/healthz")
+            assert health.status == 503 and f"Redis at {redis.url}" in await health.text()
+            assert await metric(session, process.url, "redis_failing") == 1
+            read = await session.get(f"{process.url}/counters/1/")  # the last value it knows
+            assert read.status == 200 and int(await read.text()) >= 5
+        redis.process = (await Redis(redis.directory, port=redis.port).start()).process  # the same files
+        await wait_until(lambda: _all_healthy(session, processes), timeout=10, message="healthy again")
+        posting = False
+        await asyncio.gather(*loads)
+        final = int(await (await session.post(f"{processes[1].url}/counters/1/")).text())
+        assert final >= 5 + acknowledged + 1, "no acknowledged increment lost"
+        await wait_until(lambda: all(values[-1] == final for values in seen), timeout=3,
+                         message="the streams opened before the outage follow on")
+        for values in seen:
+            assert values == sorted(values)
+        for reader in readers:
+            reader.cancel()
+    for process in processes:
+        assert await process.stop() == 0
+
+
+async def _all_healthy(session, processes):
+    return all([(await session.get(f"{process.url}/healthz")).status == 200 for process in processes])
+
+
+async def test_durable_on_a_redis_that_does_not_fsync_every_change_is_refused_at_the_start(tmp_path, data_file):
+    redis = await Redis(tmp_path / "redis", appendfsync="everysec").start()
+    try:
+        process = livecounter(data_file, redis.url, "--durable")
+        child = await asyncio.create_subprocess_exec(*process.command, *process.args, env=process.env,
+                                                     stderr=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+        _, stderr = await asyncio.wait_for(child.communicate(), 20)
+        assert child.returncode == 2
+        [line] = stderr.decode().splitlines()[-1:]
+        assert "appendfsync always" in line and "appendfsync everysec" in line, line
+    finally:
+        redis.kill()
+
+
+async def test_a_sentinel_failover_under_durable_load_loses_no_acknowledged_increment(tmp_path, data_file):
+    need_redis("redis-sentinel")
+    primary = await Redis(tmp_path / "primary").start()
+    replica = await Redis(tmp_path / "replica", "--replicaof", "127.0.0.1", str(primary.port)).start()
+    await wait_until(lambda: "master_link_status:up" in replica.command("INFO", "replication"), timeout=10)
+    sentinels = [await start_sentinel(tmp_path / f"sentinel{n}", primary.port) for n in range(3)]
+    try:
+        url = "redis+sentinel://" + ",".join(f"127.0.0.1:{port}" for port, _ in sentinels) + "/livecounter"
+        process = await livecounter(data_file, url, "--durable").start()
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+            posting, acknowledged, last_refusal, last_success = True, 0, 0.0, 0.0
+
+            async def load():
+                nonlocal acknowledged, last_refusal, last_success
+                while posting:
+                    response = await session.post(f"{process.url}/counters/1/")
+                    if response.status == 200:
+                        acknowledged += 1
+                        last_success = time.monotonic()
+                    else:
+                        assert response.status == 503 and "Retry-After" in response.headers
+                        last_refusal = time.monotonic()
+                        await asyncio.sleep(0.05)
+            loads = [asyncio.create_task(load()) for _ in range(4)]
+            await wait_until(lambda: acknowledged > 50, timeout=10)
+            killed = time.monotonic()
+            primary.kill()
+            await wait_until(lambda: last_refusal > killed, timeout=10, message="refusals while it fails over")
+            await wait_until(lambda: last_success > last_refusal > killed, timeout=20 - (time.monotonic() - killed),
+                             message="POSTs work again within 20 s")
+            posting = False
+            await asyncio.gather(*loads)
+            final = int(await (await session.post(f"{process.url}/counters/1/")).text())
+            assert final >= acknowledged + 1, f"acknowledged increments lost: {acknowledged} acknowledged, now {final}"
+        await process.stop()
+    finally:
+        for _, sentinel in sentinels:
+            sentinel.kill()
+        primary.kill()
+        replica.kill()
+
+
+async def start_sentinel(directory: Path, primary_port: int):
+    directory.mkdir(parents=True)
+    port = free_port()
+    config = directory / "sentinel.conf"
+    config.write_text(f"port {port}\nbind 127.0.0.1\ndir {directory}\nlogfile {directory / 'sentinel.log'}\n"
+                      f"sentinel monitor livecounter 127.0.0.1 {primary_port} 2\n"
+                      "sentinel down-after-milliseconds livecounter 1000\n"
+                      "sentinel failover-timeout livecounter 5000\nsentinel parallel-syncs livecounter 1\n")
+    process = subprocess.Popen(["redis-sentinel", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    sentinel = Redis.__new__(Redis)
+    sentinel.port, sentinel.process = port, process
+    await wait_until(lambda: sentinel.answers(), timeout=10)
+    return port, sentinel
+
+
+# --- workers on one port ---------------------------------------------------------------------------
+
+async def test_workers_share_one_port_and_one_killed_leaves_the_others_serving(redis, data_file):
+    supervisor = await livecounter(data_file, redis.url, "--workers", "2").start()
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as session:
+        leaders = set()
+        for _ in range(200):  # a new connection each time: the workers take turns accepting
+            leaders.add(await metric(session, supervisor.url, "redis_leader"))
+            if leaders == {0, 1}:
+                break
+            await asyncio.sleep(0.02)
+        assert leaders == {0, 1}, "both workers answered (one leads)"
+        answers = await asyncio.gather(*(session.post(f"{supervisor.url}/counters/4/") for _ in range(200)))
+        assert sorted([int(await answer.text()) for answer in answers]) == list(range(1, 201))
+        workers = worker_pids(supervisor.process.pid)
+        assert len(workers) == 2
+        os.kill(workers[0], signal.SIGKILL)
+        for expected in range(201, 221):  # every POST answered meanwhile, by the other
+            response = await session.post(f"{supervisor.url}/counters/4/")
+            assert (response.status, await response.text()) == (200, f"{expected}\n")
+        await wait_until(lambda: len(worker_pids(supervisor.process.pid)) == 2, timeout=5, message="restarted")
+    assert await supervisor.stop() == 0
+    assert worker_pids(supervisor.process.pid) == []
+
+
+async def test_workers_take_a_socket_from_systemd(redis, data_file):
+    with socket.create_server(("127.0.0.1", 0), backlog=100) as listening:
+        port = listening.getsockname()[1]
+        command = [sys.executable, str(HERE / "livecounter.py"), "--data", str(data_file), "--redis", redis.url,
+                   "--workers", "2"]
+        process = await asyncio.create_subprocess_exec(
+            "sh", "-c", 'LISTEN_PID=$$ LISTEN_FDS=1 exec "$@"', "sh", *command, pass_fds=(3,),
+            stdout=asyncio.subprocess.PIPE, stderr=open(data_file.with_suffix(".log"), "wb"),
+            preexec_fn=lambda: os.dup2(listening.fileno(), 3))
+        try:
+            line = (await asyncio.wait_for(process.stdout.readline(), 15)).decode()
+            assert f"serving http://127.0.0.1:{port}/ with 2 workers" in line
+            async with aiohttp.ClientSession() as session:
+                assert await (await session.post(f"http://127.0.0.1:{port}/counters/6/")).text() == "1\n"
+        finally:
+            process.terminate()
+            assert await asyncio.wait_for(process.wait(), 15) == 0
+
+
+def worker_pids(supervisor: int) -> list[int]:
+    """The processes whose parent is the supervisor, living."""
+    pids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+            if int(fields[1]) == supervisor and fields[0] != "Z":
+                pids.append(int(pid))
+    return pids
+
+
+async def test_workers_need_redis(data_file):
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, str(HERE / "livecounter.py"), "--data", str(data_file), "--workers", "2",
+        stderr=asyncio.subprocess.PIPE)
+    _, stderr = await asyncio.wait_for(process.communicate(), 10)
+    assert process.returncode == 2
+    assert stderr.decode() == "livecounter: --workers needs --redis: the processes keep their counters there, together\n"
+
+
+def test_without_redis_no_redis_client_is_imported(tmp_path):
+    code = (f"import sys, livecounter; livecounter.create_app({str(tmp_path / 'c.json')!r}); "
+            "print(sorted(name for name in sys.modules if name.split('.')[0] in ('redis', 'hiredis', 'zmq')))")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=HERE).stdout == "[]\n"
