@@ -43,6 +43,7 @@ import contextlib
 import dataclasses
 import functools
 import gc
+import hashlib
 import hmac
 import html
 import inspect
@@ -2479,14 +2480,18 @@ class RedisLink:
 
     def __init__(self, url: str, *, durable: bool) -> None:
         self.url = url
+        self._redis = import_redis()
         self.client = redis_client(url)
         self.process = f"{socket.gethostname()}:{os.getpid()}:{random.randrange(1 << 32):08x}"
         self.durable = durable
         self.working = Outage(f"Redis at {shown_url(url)}")
         self.leading = False
         self.replicas = 0  # --durable: replicas a change waits for (one), if the primary has any
-        self._change = self.client.register_script(CHANGE_SCRIPT)
-        self._renew = self.client.register_script(RENEW_SCRIPT)
+        # The scripts by their SHA1 (EVALSHA), loaded at the start and again when Redis says it lacks
+        # them (restarted, or another primary): a pipeline of registered scripts would ask SCRIPT
+        # EXISTS each time, one more round trip.
+        self._scripts = {CHANGE_SCRIPT: hashlib.sha1(CHANGE_SCRIPT.encode()).hexdigest(),
+                         RENEW_SCRIPT: hashlib.sha1(RENEW_SCRIPT.encode()).hexdigest()}
         self._keys = [REDIS_PREFIX + name for name in ("values", "versions", "order", "made")]
         self._pending: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []  # writes of this turn
         self._heard = asyncio.Event()  # set by each message: the subscription lives
@@ -2532,7 +2537,7 @@ class RedisLink:
         try:
             for command, _ in pending:
                 if command[0] == "change":
-                    await self._change(keys=self._keys, args=command[1:], client=pipe)  # queued, not sent
+                    pipe.evalsha(self._scripts[CHANGE_SCRIPT], len(self._keys), *self._keys, *command[1:])
                 else:
                     pipe.publish(REDIS_PREFIX + "changes", command[1])
             if waits:
@@ -2540,6 +2545,13 @@ class RedisLink:
             answers = await asyncio.wait_for(pipe.execute(raise_on_error=False), REDIS_GIVE_UP)
             if len(answers) != len(pending) + bool(waits):
                 raise RuntimeError(f"{len(answers)} answers to {len(pending) + bool(waits)} commands")
+            if any(isinstance(answer, self._redis.exceptions.NoScriptError) for answer in answers):
+                # A Redis that doesn't know the script yet (restarted, or promoted): a script's
+                # NOSCRIPT changed nothing, so the writes go again once it knows it.
+                await self.load_scripts()
+                self._pending[:0] = pending
+                asyncio.get_running_loop().call_soon(lambda: asyncio.ensure_future(self._send_pending()))
+                return
         except Exception as error:  # noqa: BLE001 - a Redis that is down, failing over, or a bug: refused
             self._failed(error)
             for _, future in pending:
@@ -2570,11 +2582,16 @@ class RedisLink:
 
     # --- at the start ---
 
+    async def load_scripts(self) -> None:
+        for script in self._scripts:
+            await asyncio.wait_for(self.client.script_load(script), REDIS_GIVE_UP)
+
     async def check(self) -> None:
         """At the start: Redis answers, and with --durable it writes every change to disk before it
         answers (appendonly yes, appendfsync always): else ValueError naming the setting."""
         try:
             await asyncio.wait_for(self.client.ping(), REDIS_GIVE_UP)
+            await self.load_scripts()
             if self.durable:
                 config = {**await self.client.config_get("appendonly"), **await self.client.config_get("appendfsync")}
                 await self._count_replicas()
@@ -2660,7 +2677,9 @@ class RedisLink:
             if self.on_subscribed is not None:
                 await self.on_subscribed()
             self.subscribed.set()
-            await asyncio.wait_for(self._change(keys=self._keys, args=["probe"]), REDIS_GIVE_UP)
+            await self.load_scripts()
+            await asyncio.wait_for(self.client.evalsha(self._scripts[CHANGE_SCRIPT], len(self._keys), *self._keys,
+                                                       "probe"), REDIS_GIVE_UP)
             self.working.succeeded()
             quiet_since = time.monotonic()
             while True:
@@ -2693,7 +2712,7 @@ class RedisLink:
             else:
                 pipe.hdel(watchers, counter_id)
         pipe.pexpire(watchers, int(1000 * DEAD_AFTER))
-        await self._renew(keys=[REDIS_PREFIX + "leader"], args=[self.process, LEADER_TTL_MS], client=pipe)
+        pipe.evalsha(self._scripts[RENEW_SCRIPT], 1, REDIS_PREFIX + "leader", self.process, LEADER_TTL_MS)
         try:
             answers = await asyncio.wait_for(pipe.execute(), REDIS_GIVE_UP)
         except Exception:
@@ -4391,7 +4410,7 @@ def main(argv: list[str] | None = None) -> int:
             print("livecounter: --workers needs --redis: the processes keep their counters there, together",
                   file=sys.stderr)
             return 2
-        return supervise(args, sockets)
+        return supervise(args, sys.argv[1:] if argv is None else argv, sockets)
     warn_of_unsafe_settings(args, sockets)
     try:
         app = create_app(**{field.name: getattr(args, field.name) for field in OPTIONS if field.name in SETTING_NAMES},
@@ -4422,7 +4441,7 @@ WORKER = "LIVECOUNTER_WORKER"  # set in a worker's environment: it says nothing 
 WORKER_RESTART_DELAY = 1.0  # seconds before a worker that died is started again
 
 
-def supervise(args: argparse.Namespace, sockets: list[socket.socket]) -> int:
+def supervise(args: argparse.Namespace, argv: list[str], sockets: list[socket.socket]) -> int:
     if not sockets:
         try:
             sockets = [socket.create_server((args.host, args.port), backlog=4096,
@@ -4430,7 +4449,7 @@ def supervise(args: argparse.Namespace, sockets: list[socket.socket]) -> int:
         except OSError as error:
             print(f"livecounter: cannot listen on {args.host}:{args.port}: {error.strerror or error}", file=sys.stderr)
             return 1
-    command = [sys.executable, os.path.abspath(__file__), *sys.argv[1:], "--workers", "1"]
+    command = [sys.executable, os.path.abspath(__file__), *argv, "--workers", "1"]
     workers = {start_worker(command, sockets): number for number in range(args.workers)}
     stopping = False
 

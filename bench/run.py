@@ -53,7 +53,9 @@ def missing_tools() -> list[str]:
         missing.append("nginx with nchan (apt-get install nginx-light libnginx-mod-nchan)")
     if shutil.which("pushpin") is None:
         missing.append("pushpin (apt-get install pushpin)")
-    for module, package in (("aiohttp", "aiohttp"), ("uvloop", "uvloop")):
+    if shutil.which("redis-server") is None:
+        missing.append("redis-server (apt-get install redis-server)")
+    for module, package in (("aiohttp", "aiohttp"), ("uvloop", "uvloop"), ("redis", "redis[hiredis]")):
         try:
             __import__(module)
         except ImportError:
@@ -635,6 +637,107 @@ def compaction_stall(workdir: Path, size: int, seconds: float) -> dict:
         server.stop()
 
 
+class RedisServer:
+    """A private redis-server for the Redis rows (appendfsync everysec, its default: always made no
+    difference measurable here, ../shared/notes/measured.md)."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.port = free_port()
+        directory = workdir / f"redis-{self.port}"
+        directory.mkdir()
+        self.process = subprocess.Popen(["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir",
+                                         str(directory), "--save", "", "--appendonly", "yes"],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        self.url = f"redis://127.0.0.1:{self.port}/"
+        for _ in range(100):
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                return
+            time.sleep(0.05)
+        raise RuntimeError("redis-server did not start")
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(30)
+
+
+def children_of(pid: int) -> list[int]:
+    """The processes whose parent is pid: a supervisor's workers."""
+    found = []
+    for child in filter(str.isdigit, os.listdir("/proc")):
+        with contextlib.suppress(OSError):
+            if int(Path(f"/proc/{child}/stat").read_text().rpartition(")")[2].split()[1]) == pid:
+                found.append(int(child))
+    return found
+
+
+def redis_posts(workdir: Path, seconds: float, rounds: int) -> dict:
+    """11: POSTs a second (wrk -c50 to one counter, uvloop): the file store against Redis with one
+    process and with --workers 2, side by side, visited in turn in alternating order."""
+    redis = RedisServer(workdir)
+    servers = {"file store": livecounter("uvloop", workdir),
+               "Redis": livecounter("uvloop", workdir, "--redis", redis.url),
+               "Redis, 2 workers": livecounter("uvloop", workdir, "--redis", redis.url, "--workers", "2")}
+    try:
+        with warmed_up(servers):
+            runs: dict[str, list[float]] = {}
+            for burst in range(rounds):
+                rates = {name: wrk(servers[name].url(servers[name].post_path), seconds)[0]
+                         for name in in_turn(list(servers), burst)}
+                for name, rate in rates.items():
+                    runs.setdefault(name, []).append(rate)
+                    runs.setdefault(f"ratio {name}", []).append(rate / rates["file store"])
+            return medians_and_spreads(runs)
+    finally:
+        redis.stop()
+
+
+def redis_storm_and_broadcast(workdir: Path, count: int, rounds: int) -> dict:
+    """11b and 11c, with --workers 2 on Redis: a reconnect storm of `count` streams against
+    nginx+nchan (as row 8), and one change to `count` idle listeners spread over the two workers:
+    each worker's CPU for it, against one process holding them all."""
+    redis = RedisServer(workdir)
+    servers = {"workers": livecounter("uvloop", workdir, "--redis", redis.url, "--workers", "2"),
+               "nginx+nchan": nchan(workdir)}
+    one = livecounter("uvloop", workdir, "--redis", redis.url)
+    try:
+        post(servers["nginx+nchan"].url("/pub/1"), b"1")
+        runs: dict[str, list[float]] = {}
+        for burst in range(rounds):
+            seconds = {}
+            for name in in_turn(list(servers), burst):
+                listeners = Listeners(servers[name], count, storm=True)
+                seconds[name] = listeners.storm_seconds
+                listeners.close()
+                time.sleep(2)  # every worker lets go of its streams (/metrics answers for one worker)
+            runs.setdefault("storm workers", []).append(seconds["workers"])
+            runs.setdefault("storm nchan", []).append(seconds["nginx+nchan"])
+            runs.setdefault("ratio", []).append(seconds["workers"] / seconds["nginx+nchan"])
+        workers = children_of(servers["workers"].process.pid)
+        for name, server, pids in (("2 workers", servers["workers"], workers), ("1 process", one, [one.cpu_pid])):
+            listeners = Listeners(server, count)
+            settle()
+            value = int(urllib.request.urlopen(server.url("/counters/1/"), timeout=30).read())
+            for _ in range(10):
+                before = [cpu_seconds(pid) for pid in pids]
+                value += 1
+                listeners.expect(value)
+                time.sleep(0.01)
+                post(server.url("/counters/1/"))
+                listeners.reached(value)
+                time.sleep(0.2)  # the change reached every process and its listeners: their CPU is spent
+                spent = [cpu_seconds(pid) - was for pid, was in zip(pids, before)]
+                runs.setdefault(f"{name} busiest ms", []).append(1000 * max(spent))
+                runs.setdefault(f"{name} total ms", []).append(1000 * sum(spent))
+                time.sleep(0.3)
+            listeners.close()
+            time.sleep(1)
+        return medians_and_spreads(runs)
+    finally:
+        for server in [*servers.values(), one]:
+            server.stop()
+        redis.stop()
+
+
 def pushpin_rows(workdir: Path, quick: bool) -> dict:
     """9 and 9b, through a private Pushpin (bench/pushpin.py)."""
     import asyncio
@@ -813,7 +916,8 @@ def shown(value: float, digits: int) -> float:
 
 def report(quick: bool, inc: dict, cost: dict, instructions: dict, durable: dict, broadcasts: dict, hot: dict,
            scaled: dict, many: dict, storms: dict, storms_with_presence: dict, sizes: dict, *,
-           calm: dict, many_hot: dict, saves: dict, compaction: dict, pushpin: dict,
+           calm: dict, many_hot: dict, saves: dict, compaction: dict, pushpin: dict, redis_posts: dict,
+           redis_storm: dict,
            day: str | None = None, where: str | None = None) -> str:
     """The table in Markdown: a line naming the run and the machine, then one row per figure; a row
     with a target says "met" or "not met". day and where default to today and this machine."""
@@ -938,6 +1042,17 @@ def report(quick: bool, inc: dict, cost: dict, instructions: dict, durable: dict
         shown(compaction["healthz_max_ms"], 0) <= 20)
     row("10c", f"{large:,} counters: start-up, until it serves", f"{saves['start_s']:.2f} s", "< 3 s",
         shown(saves["start_s"], 2) < 3)
+    row("11", "POSTs/s to one counter (uvloop, wrk -c50): the file store vs Redis, one process and 2 workers",
+        f"{redis_posts['file store']:,.0f} vs {redis_posts['Redis']:,.0f} (**{redis_posts['ratio Redis']:.2f}×**"
+        f"{spread(redis_posts, 'ratio Redis')}) vs {redis_posts['Redis, 2 workers']:,.0f} "
+        f"(**{redis_posts['ratio Redis, 2 workers']:.2f}×**{spread(redis_posts, 'ratio Redis, 2 workers')})")
+    row("11b", f"reconnect storm of {sizes['redis_storm']:,} streams, Redis with 2 workers vs nginx+nchan",
+        f"{redis_storm['storm workers']:.2f} s vs {redis_storm['storm nchan']:.2f} s: **{redis_storm['ratio']:.2f}×**"
+        f"{spread(redis_storm, 'ratio')}", "≤ 1.0×", shown(redis_storm["ratio"], 2) <= 1.0)
+    row("11c", f"one change to {sizes['redis_storm']:,} listeners on Redis: CPU of the busiest worker of 2, and of both, "
+               "vs one process holding them all",
+        f"{redis_storm['2 workers busiest ms']:.0f} ms ({redis_storm['2 workers total ms']:.0f} ms both) vs "
+        f"{redis_storm['1 process busiest ms']:.0f} ms")
     presence = storms_with_presence
     frames_bound = 2 + 2 * presence["exact after"]  # the first count, then at most two a second
     row("8b", f"reconnect storm of {sizes['presence_storm']:,} with {sizes['presence_watchers']} streams of its "
@@ -980,7 +1095,8 @@ def main() -> int:
              # 10 counters: 1,900 listeners each is what one process holds under this machine's
              # open-file limit (20,000, hard), not the 5,000 each that issue #24 names
              "many_hot": (10, 100 if quick else 1900),
-             "saves": [1_000, 10_000] if quick else [10_000, 1_000_000]}
+             "saves": [1_000, 10_000] if quick else [10_000, 1_000_000],
+             "redis_storm": 1000 if quick else 5000}
     sessions, rounds, burst = (1, 1, 1) if quick else (3, 6, 2)
     with tempfile.TemporaryDirectory(prefix="livecounter-bench-") as directory:
         workdir = Path(directory)
@@ -1015,8 +1131,12 @@ def main() -> int:
         saves = phase("what saves cost", lambda: saves_cost(workdir, sizes["saves"], 3 if quick else 10, 1 if quick else 2))
         compaction = phase("compactions under load", lambda: compaction_stall(workdir, sizes["saves"][-1], 3 if quick else 10))
         pushpin = phase("through Pushpin", lambda: pushpin_rows(workdir, quick))
+        on_redis = phase("POSTs on Redis", lambda: redis_posts(workdir, burst, sessions * rounds // 2 or 1))
+        redis_storm = phase("Redis workers: storm and broadcast", lambda: redis_storm_and_broadcast(
+            workdir, sizes["redis_storm"], 3 if quick else 5))
     table = report(quick, inc, cost, instructions, durable, broadcasts, hot, scaled, many, storms, presence, sizes,
-                   calm=calm, many_hot=many_hot, saves=saves, compaction=compaction, pushpin=pushpin)
+                   calm=calm, many_hot=many_hot, saves=saves, compaction=compaction, pushpin=pushpin,
+                   redis_posts=on_redis, redis_storm=redis_storm)
     print(table)  # first: whatever happens to the file, the figures are on the screen
     print("\n(" + "; ".join(phases) + ")", file=sys.stderr)
     if quick:
