@@ -1526,6 +1526,12 @@ class ListenerHub:
             if now - channel.last_write >= self._keepalive_interval:
                 self._write_all(channel, KEEPALIVE_FRAMES)
 
+    def value(self, key: Key) -> int | None:
+        """The latest value a channel's streams here had, or will have once its broadcast goes; None:
+        nobody here listens to it."""
+        channel = self._channels.get(key)
+        return None if channel is None else channel.value
+
     def watchers(self, counter_id: str) -> int:
         """How many streams here carry the counter's values (not its watcher count)."""
         channel = self._channels.get(Key((counter_id, False)))
@@ -1625,12 +1631,15 @@ class Presence:
         if self._link is not None:
             self._share(counter_id, self.own_count(counter_id))
         count = self.count(counter_id)
-        if count == self._sent.get(counter_id, 0):
+        # A stream of the count here may have started from the count at its admission, one not sent
+        # (this one resting): then it gets this one even if it is the one last sent.
+        shown = self._hub.value(Key((counter_id, True)))
+        if count == self._sent.get(counter_id, 0) and shown in (None, count):
             return
         if count:
             self._sent[counter_id] = count
         else:  # a counter nobody watches takes no memory
-            del self._sent[counter_id]
+            self._sent.pop(counter_id, None)
         self._paces.went(counter_id, WATCHERS_COST, time.monotonic())
         self._feed.changed(Key((counter_id, True)), count)
 
