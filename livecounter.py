@@ -2023,8 +2023,12 @@ class PushpinTarget:
 
     def __init__(self, url: str, message_rate: float) -> None:
         self.publish_url = url.rstrip("/") + "/publish/"
-        self.unpublished: dict[Key, int | str | None] = {}  # channel -> latest value; None: deleted; or HINT
-        self.in_flight: dict[Key, int | str | None] = {}  # what the request in flight carries
+        self.unpublished: dict[Key, int | str] = {}  # channel -> latest value, or HINT
+        # Channels whose counter was deleted: each closes before any value that follows (the counter made
+        # again), which a dict of latest values would have put in its place.
+        self.closing: dict[Key, None] = {}
+        self.in_flight: dict[Key, int | str] = {}  # what the request in flight carries
+        self.closing_now: dict[Key, None] = {}
         self.hints: dict[Key, asyncio.TimerHandle] = {}  # channel -> its hint to come
         self.sent: dict[Key, str] = {}  # channel -> the publish id last sent here (its prev-id)
         self.wakeup = asyncio.Event()
@@ -2091,6 +2095,12 @@ class GripPublisher:
             number = 0
         return f"{self._epoch}.{number}"
 
+    def _learned(self, channel: GripChannel) -> str | None:
+        """--redis, a new leader: the id another process (the old leader) handed to Pushpin last for
+        the channel, which is what every Pushpin got last; None if the last one was this process's."""
+        handed = channel.handed_id
+        return handed if handed is not None and not handed.startswith(self._epoch + ".") else None
+
     def learn_handed(self, key: Key, publish_id: str | None) -> None:
         """--redis: the id the leader handed to Pushpin for a channel (None: it forgot the channel)."""
         if self.leading:
@@ -2115,7 +2125,8 @@ class GripPublisher:
         resting and in flight included (hints, which change nothing, left out)."""
         resting = sum(channel.rest is not None for channel in self._channels.values())
         return resting + max(len({key for queue in (target.unpublished, target.in_flight)
-                                  for key, value in queue.items() if value != HINT}) for target in self._targets)
+                                  for key, value in queue.items() if value != HINT}
+                                 | target.closing.keys() | target.closing_now.keys()) for target in self._targets)
 
     @property
     def tracked(self) -> int:
@@ -2161,9 +2172,13 @@ class GripPublisher:
         if value is not None:
             self._paces.went(key, PUBLISH_COST, time.monotonic())
         for target in self._targets:
-            target.unpublished[key] = value
             target.wakeup.set()
-            if value is None and (pending := target.hints.pop(key, None)) is not None:
+            if value is not None:
+                target.unpublished[key] = value
+                continue
+            target.closing[key] = None
+            target.unpublished.pop(key, None)  # a value for the counter gone, or a hint: the close ends them
+            if (pending := target.hints.pop(key, None)) is not None:
                 pending.cancel()
 
     async def run(self) -> None:
@@ -2178,7 +2193,7 @@ class GripPublisher:
         value, so every change gets out, a hot counter no more often than the rest. A Pushpin that
         fails is its own outage: logged once, retried, and the other Pushpins go on."""
         await target.wakeup.wait()
-        waiting = min(len(target.unpublished), PUBLISH_BATCH) * ITEMS_PER_CHANGE
+        waiting = min(len(target.closing) + len(target.unpublished), PUBLISH_BATCH) * ITEMS_PER_CHANGE
         if delay := target.pacing.delay(waiting):
             await asyncio.sleep(delay)  # wakeup stays set; what changes meanwhile still coalesces
             return
@@ -2186,7 +2201,10 @@ class GripPublisher:
         if not waiting:
             return
         changes = target.pacing.take(waiting) // ITEMS_PER_CHANGE
-        batch = target.in_flight = dict(itertools.islice(target.unpublished.items(), changes))
+        closes = target.closing_now = dict.fromkeys(itertools.islice(target.closing, changes))
+        batch = target.in_flight = dict(itertools.islice(target.unpublished.items(), changes - len(closes)))
+        for key in closes:
+            del target.closing[key]
         for key in batch:
             del target.unpublished[key]
         # Each value's number: its channel's latest, and the id this Pushpin got last for the channel
@@ -2196,26 +2214,28 @@ class GripPublisher:
         for key, value in batch.items():
             if type(value) is int and (channel := self._channels.get(key)) is not None:
                 numbers[key] = channel.number
-                previous[key] = target.sent.get(key) or channel.handed_id or self.publish_id(key, 0)
+                previous[key] = target.sent.get(key) or self._learned(channel) or self.publish_id(key, 0)
                 if channel.number > channel.handed:
                     channel.handed = channel.number
                     channel.handed_id = self.publish_id(key, channel.number)
                     self.share_handed(key, channel.handed_id)
         try:
-            items = self._items(numbers, previous, batch)
+            items = self._items(numbers, previous, closes, batch)
             if self._purger is not None:
-                await self._purger.purged(batch, PURGE_BEFORE_PUBLISH)
+                await self._purger.purged([*closes, *batch], PURGE_BEFORE_PUBLISH)
             await send_publish(session, target.publish_url, items)
         except Exception as error:  # noqa: BLE001 - whatever goes wrong with one Pushpin is its own outage
-            for key, value in batch.items():
-                target.unpublished.setdefault(key, value)  # unless superseded meanwhile
+            for key, value in batch.items():  # unless superseded, or closed since, meanwhile
+                if key not in target.closing:
+                    target.unpublished.setdefault(key, value)
+            target.closing = {**closes, **target.closing}
             self.failures += 1
             target.publishing.failed(failure_reason(error), unexpected=unexpected(error))
             await asyncio.sleep(target.publishing.retry_delay)
             target.wakeup.set()
             return
         finally:
-            target.in_flight = {}
+            target.in_flight, target.closing_now = {}, {}
         target.sent.update((key, self.publish_id(key, number)) for key, number in numbers.items())
         self.published += 1
         target.publishing.succeeded()
@@ -2224,9 +2244,9 @@ class GripPublisher:
             channel = self._channels.get(key)
             if key in target.hints or (channel is not None and now - channel.answered < HINT_WINDOW):
                 self._hint_later(target, key)
-        for key in batch:
+        for key in [*closes, *batch]:
             self._forget_if_done(key)
-        if target.unpublished:
+        if target.unpublished or target.closing:
             target.wakeup.set()
 
     def answered(self, keys: Iterable[Key]) -> None:
@@ -2260,7 +2280,7 @@ class GripPublisher:
             if not channel.closed and time.monotonic() - channel.answered < self._forget_held:
                 return
         if any(key in target.unpublished or key in target.in_flight or key in target.hints
-               for target in self._targets):
+               or key in target.closing or key in target.closing_now for target in self._targets):
             return  # forgotten once that goes out
         if (forgotten := self._channels.pop(key, None)) is not None and forgotten.handed_id and self.leading:
             self.share_handed(key, None)
@@ -2297,14 +2317,14 @@ class GripPublisher:
                 channel.rest.cancel()
                 self._rested(key)
         # A Pushpin that fails is not waited for: it is retried after its delay, not before the end.
-        await waited(lambda: not any((target.unpublished or target.in_flight) and target.publishing.error is None
-                                     for target in self._targets), timeout, 0.02)
+        await waited(lambda: not any((target.unpublished or target.in_flight or target.closing or target.closing_now)
+                                     and target.publishing.error is None for target in self._targets), timeout, 0.02)
         if waiting := self.waiting:
             log.warning("stopping with the latest value%s of %d counter%s not published to every Pushpin",
                         "s" * (waiting != 1), waiting, "s" * (waiting != 1))
 
-    def _items(self, numbers: dict[Key, int], previous: dict[Key, str],
-               batch: dict[Key, int | str | None]) -> list[dict[str, object]]:
+    def _items(self, numbers: dict[Key, int], previous: dict[Key, str], closes: Iterable[Key],
+               batch: dict[Key, int | str]) -> list[dict[str, object]]:
         """The batch's publish items for a Pushpin, each with its publish id, and as prev-id the id
         this Pushpin was last sent for the channel (number 0, the first time in this process: what
         the listeners answered before were told). Pushpin finds a listener whose prev-id differs and
@@ -2314,9 +2334,9 @@ class GripPublisher:
         it follows none of the ids it saw (the previous process's), and the listeners from before
         the restart ask their next link."""
         items = []
-        for key, item in publish_items(batch):
-            if key in numbers:  # a close or a hint goes to every stream, whatever it missed
-                item["id"] = self.publish_id(key, numbers[key])
+        for key, item in publish_items(closes, batch):
+            if key in numbers and "content" in item["formats"]["http-stream"]:  # a close or a hint goes
+                item["id"] = self.publish_id(key, numbers[key])  # to every stream, whatever it missed
                 item["prev-id"] = previous[key]
             items.append(item)
         return items
@@ -2330,15 +2350,15 @@ async def send_publish(session: aiohttp.ClientSession, url: str, items: list[dic
             raise aiohttp.ClientError(f"{response.status} {answer}")
 
 
-def publish_items(batch: dict[Key, int | str | None]) -> list[tuple[Key, dict[str, object]]]:
-    """GRIP publish items, by channel: each change (of a counter's value or watcher count) on both of
-    its Pushpin channels; a deletion closes them; a HINT has their streams ask their next link."""
-    items = []
+def publish_items(closes: Iterable[Key], batch: dict[Key, int | str]) -> list[tuple[Key, dict[str, object]]]:
+    """GRIP publish items, by channel: a deleted counter's close first, then each change (of a
+    counter's value or watcher count), each on both of its Pushpin channels; a HINT has their
+    streams ask their next link."""
+    items = [(key, {"channel": key.grip_channel(multi), "formats": {"http-stream": {"action": "close"}}})
+             for key in closes for multi in (False, True)]
     for key, value in batch.items():
         for multi in (False, True):
-            if value is None:
-                content: dict[str, object] = {"action": "close"}
-            elif value == HINT:
+            if value == HINT:
                 content = {"action": "hint"}
             else:
                 content = {"content": key.frames(value)[NAMED_STYLE if multi else MESSAGE_STYLE].decode()}
