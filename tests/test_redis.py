@@ -188,6 +188,23 @@ async def test_the_data_file_seeds_an_empty_redis_once(redis, tmp_path):
     await process.stop()
 
 
+async def test_auto_create_its_limit_and_the_largest_value_hold_on_redis(redis, data_file):
+    first = await livecounter(data_file, redis.url, "--auto-create", "--max-counters", "10").start()
+    second = await livecounter(data_file, redis.url, "--auto-create", "--max-counters", "10").start()
+    async with aiohttp.ClientSession() as session:
+        assert await (await session.get(f"{second.url}/counters/page/")).text() == "0\n"  # readable, not made
+        assert await (await session.post(f"{first.url}/counters/page/")).text() == "1\n"  # made: the 10th
+        refused = await session.post(f"{second.url}/counters/one-too-many/")
+        assert (refused.status, await refused.text()) == (
+            403, "counter 'one-too-many' not created: the limit of 10 counters is reached\n")
+        await session.put(f"{first.url}/counters/1/", json={"value": 2**53 - 1}, headers={"Authorization": "Bearer admin"})
+        assert (await session.post(f"{second.url}/counters/1/")).status == 409
+        assert (await session.delete(f"{second.url}/counters/nope/", headers={"Authorization": "Bearer admin"})).status == 404
+        listing = await (await session.get(f"{second.url}/counters/?limit=3")).json()
+        assert list(listing) == ["1", "2", "3"]  # the order they were made: the data file's, then new ones
+    assert await first.stop() == 0 and await second.stop() == 0
+
+
 # --- Redis failing -------------------------------------------------------------------------------
 
 async def test_with_redis_down_writes_are_refused_at_once_reads_go_on_and_streams_catch_up(redis, data_file):
