@@ -13,8 +13,9 @@
 Run it::
 
     python3 -m venv .venv && .venv/bin/pip install -r requirements.txt && .venv/bin/python livecounter.py
-    python livecounter.py --help                                     # every option (also LIVECOUNTER_* variables)
-    pip install . && livecounter --data /var/lib/livecounter/counters.json   # installed as a command
+    .venv/bin/python livecounter.py --help       # every option (also LIVECOUNTER_* variables)
+    .venv/bin/pip install . && .venv/bin/livecounter --data /var/lib/livecounter/counters.json   # as a command
+    .venv/bin/python livecounter.py --redis redis://127.0.0.1:6379/ --workers 2   # shared by processes
 
 Embed it::
 
@@ -1801,7 +1802,8 @@ def import_zmq() -> Any:
     try:
         import zmq.asyncio
     except ImportError:
-        raise ValueError("--grip-stats needs the ZeroMQ client pyzmq: pip install pyzmq") from None
+        raise ValueError('--grip-stats needs the ZeroMQ client pyzmq: .venv/bin/pip install pyzmq (or, installed as '
+                         'a package, pip install "livecounter[pushpin-stats]")') from None
     return zmq
 
 

@@ -1726,7 +1726,8 @@ async def test_without_pyzmq_grip_stats_says_what_is_missing(data_file, tmp_path
                                                    stderr=asyncio.subprocess.PIPE)
     _, stderr = await asyncio.wait_for(process.communicate(), 10)
     assert process.returncode == 2
-    assert stderr.decode() == "livecounter: --grip-stats needs the ZeroMQ client pyzmq: pip install pyzmq\n"
+    assert stderr.decode() == ("livecounter: --grip-stats needs the ZeroMQ client pyzmq: .venv/bin/pip install pyzmq "
+                               '(or, installed as a package, pip install "livecounter[pushpin-stats]")\n')
 
 
 def test_the_command_line_wins_over_the_environment_for_grip_urls(monkeypatch):
