@@ -95,17 +95,20 @@ log = logging.getLogger("livecounter")
 # an operator writes (and a value of the field's own type from create_app), and raises ValueError
 # with a reason that fits after the setting's name.
 
+LARGEST_SETTING = 10**6  # seconds, or things a second: past it, no setting means anything (a week is 604,800)
+
+
 def positive_float(given: object) -> float:
     number = _number(given, float)
-    if not (number > 0 and math.isfinite(number)):
-        raise ValueError(f"must be a number of seconds above 0, not {given!r}")
+    if not 0.001 <= number <= LARGEST_SETTING:  # 1e-320 or 1e308 would make infinities of waits
+        raise ValueError(f"must be a number from 0.001 to {LARGEST_SETTING:,}, not {given!r}")
     return number
 
 
 def positive_int(given: object) -> int:
     number = _number(given, int)
-    if number < 1:
-        raise ValueError(f"must be a whole number of at least 1, not {given!r}")
+    if not 1 <= number <= 1000 * LARGEST_SETTING:
+        raise ValueError(f"must be a whole number from 1 to {1000 * LARGEST_SETTING:,}, not {given!r}")
     return number
 
 
@@ -202,6 +205,9 @@ def sentinel_parts(url: str) -> tuple[list[tuple[str, int]], str, int] | None:
     return sentinels, match[2], int(match[3] or 0)
 
 
+RECONNECT_WAIT_MAX = 86_400  # seconds: a day
+
+
 @dataclasses.dataclass(frozen=True)
 class ReconnectWindow:
     """How long a client waits before it reconnects a stream that ended: between `shortest` and
@@ -211,10 +217,10 @@ class ReconnectWindow:
     longest: float
 
     def __post_init__(self) -> None:
-        if not (type(self.shortest) in (int, float) and self.shortest > 0 and math.isfinite(self.shortest)):
+        if not (type(self.shortest) in (int, float) and 0 < self.shortest <= RECONNECT_WAIT_MAX):
             raise ValueError(f"the shortest wait must be a number of seconds above 0: {self}")
-        if not (type(self.longest) in (int, float) and self.longest >= self.shortest and math.isfinite(self.longest)):
-            raise ValueError(f"the longest wait must be at least the shortest: {self}")
+        if not (type(self.longest) in (int, float) and self.shortest <= self.longest <= RECONNECT_WAIT_MAX):
+            raise ValueError(f"the longest wait must be at least the shortest, at most {RECONNECT_WAIT_MAX:,} s: {self}")
 
     def __str__(self) -> str:
         return f"{self.shortest:g}-{self.longest:g}"
@@ -3081,8 +3087,9 @@ def abort(status: type[web.HTTPException], reason: str, **arguments: Any) -> NoR
 
 
 def retry_later(status: type[web.HTTPException], reason: str, seconds: float) -> NoReturn:
-    """Refuse the request for now: Retry-After says when to try again, also to pages of other origins."""
-    abort(status, reason, headers={"Retry-After": str(max(1, math.ceil(seconds))),
+    """Refuse the request for now: Retry-After says when to try again (at most a day), also to pages
+    of other origins."""
+    abort(status, reason, headers={"Retry-After": str(max(1, math.ceil(min(seconds, 86_400)))),
                                    "Access-Control-Expose-Headers": "Retry-After"})
 
 

@@ -1697,10 +1697,10 @@ def test_a_reconnect_window_is_min_max_seconds(monkeypatch, capsys):
     assert parse_args([]).reconnect_window == ReconnectWindow(1, 5)
     assert str(ReconnectWindow(1, 5)) == "1-5"
     for text, reason in (("0-5", "the shortest wait must be a number of seconds above 0: 0-5"),
-                         ("5-1", "the longest wait must be at least the shortest: 5-1"),
+                         ("5-1", "the longest wait must be at least the shortest, at most 86,400 s: 5-1"),
                          ("3", "must be MIN-MAX in seconds, e.g. 1-5, not '3'"),
                          ("1-five", "must be MIN-MAX in seconds, e.g. 1-5, not '1-five'"),
-                         ("1-inf", "the longest wait must be at least the shortest: 1-inf")):
+                         ("1-inf", "the longest wait must be at least the shortest, at most 86,400 s: 1-inf")):
         with pytest.raises(SystemExit):
             parse_args([f"--reconnect-window={text}"])
         assert f"argument --reconnect-window: {reason}\n" in capsys.readouterr().err
@@ -1829,12 +1829,12 @@ async def test_port_0_says_the_port_it_got(data_file):
     (["--grip-url", "127.0.0.1:5561"], {}, "argument --grip-url: must be an http:// or https:// URL with a host"),
     (["--purge-url", "127.0.0.1:6081"], {}, "argument --purge-url: must be an http:// or https:// URL with a host"),
     (["--cors-origin", "https://a.example https://b.example"], {}, "argument --cors-origin: must be one origin"),
-    (["--save-interval", "0"], {}, "argument --save-interval: must be a number of seconds above 0, not '0'"),
+    (["--save-interval", "0"], {}, "argument --save-interval: must be a number from 0.001 to 1,000,000, not '0'"),
     ([], {"LIVECOUNTER_AUTO_CREATE": "enabled"}, "LIVECOUNTER_AUTO_CREATE: must be one of 1, true, yes, on (on) "
                                                  "or 0, false, no, off (off), not 'enabled'"),
     ([], {"LIVECOUNTER_PORT": "http"}, "LIVECOUNTER_PORT: must be a whole number, not 'http'"),
     ([], {"LIVECOUNTER_GRIP_URL": "http://127.0.0.1:5561/ 5562"}, "LIVECOUNTER_GRIP_URL: must be an http:// "),
-    ([], {"LIVECOUNTER_MAX_LISTENERS_PER_IP": "0"}, "LIVECOUNTER_MAX_LISTENERS_PER_IP: must be a whole number of at least 1"),
+    ([], {"LIVECOUNTER_MAX_LISTENERS_PER_IP": "0"}, "LIVECOUNTER_MAX_LISTENERS_PER_IP: must be a whole number from 1 to 1,000,000,000"),
 ])
 def test_a_setting_that_is_not_one_stops_the_start_with_one_line_naming_it(monkeypatch, capsys, argv, environment, reason):
     for name, value in environment.items():
