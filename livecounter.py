@@ -990,6 +990,7 @@ class Journal:
         self._snapshot_bytes = loaded.snapshot_bytes
         self._snapshot_exists = self._target.exists()
         self._torn = False  # an append failed and could not be cut off: the next save compacts
+        self._deleted: set[str] = set()  # counters deleted since the last save took its changes
         self._compaction: asyncio.Task[None] | None = None
         self.saving = Outage(f"saving {path}")
         if durable:
@@ -1015,6 +1016,8 @@ class Journal:
         if not unsaved:
             self._due.set()
         unsaved[counter_id] = value
+        if value is None:  # durable mode releases the deletion too, if the counter is made again
+            self._deleted.add(counter_id)
 
 
     async def kept(self) -> None:
@@ -1043,6 +1046,7 @@ class Journal:
         async with self._one_at_a_time:
             self._due.clear()
             batch, self._unsaved = self._unsaved, {}
+            deleted, self._deleted = self._deleted, set()
             waiting, self._waiting = self._waiting, []
             if not batch and self._snapshot_exists and not self._torn:
                 self._acknowledge(waiting)
@@ -1057,14 +1061,16 @@ class Journal:
                     await self._in_thread(self._append, (json.dumps(batch) + "\n").encode())
             except Exception as error:  # noqa: BLE001 - a disk that fails, or a bug: the changes wait
                 self._unsaved = batch | self._unsaved  # the newer values win
+                self._deleted |= deleted
                 self._save_failed(error, waiting)
             except asyncio.CancelledError:  # a stop while it ran: the final save answers them
                 self._unsaved = batch | self._unsaved
+                self._deleted |= deleted
                 self._waiting[:0] = waiting
                 self._due.set()
                 raise
             else:
-                self._save_succeeded(batch, waiting)
+                self._save_succeeded(batch, deleted, waiting)
             finally:
                 self.saves += 1
                 self.last_save_seconds = time.perf_counter() - started
@@ -1162,12 +1168,16 @@ class Journal:
             if not waiter.done():
                 waiter.set_exception(SaveFailed(self.saving.error))
 
-    def _save_succeeded(self, batch: dict[str, int | None], waiting: list[asyncio.Future[None]]) -> None:
+    def _save_succeeded(self, batch: dict[str, int | None], deleted: set[str],
+                        waiting: list[asyncio.Future[None]]) -> None:
         self.last_saved_at = time.time()
         self.saving.succeeded()
         self._store.refusing = None
-        if self._durable:
-            for counter_id, value in batch.items():  # on disk: the other receivers hear of them now
+        if self._durable:  # on disk: the other receivers hear of them now
+            for counter_id in deleted:
+                if batch.get(counter_id) is not None:  # deleted, then made again: its streams end first
+                    self._feed.release(Key((counter_id, False)), None)
+            for counter_id, value in batch.items():
                 self._feed.release(Key((counter_id, False)), value)
         self._acknowledge(waiting)
 

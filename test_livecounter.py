@@ -1590,6 +1590,30 @@ async def test_values_survive_a_restart(data_file):
     await server.stop()
 
 
+async def test_durable_a_deleted_counters_streams_end_even_if_it_is_made_again_in_the_same_save(tmp_path):
+    """Found by an attack: with --durable, a DELETE and the POST that makes the counter again, held by
+    the same group commit, released only the counter's latest value: its streams went on (50, then 1)
+    instead of ending, 16 times in 20."""
+    data_file = tmp_path / "counters.json"
+    data_file.write_text(json.dumps({**ZEROS, "k": 50}))
+    server = await Server(data_file, "--durable", "--auto-create", env={"LIVECOUNTER_ADMIN_TOKEN": "s3cret"}).start()
+    admin = {"Authorization": "Bearer s3cret"}
+    async with aiohttp.ClientSession() as session:
+        for attempt in range(20):
+            stream = await session.get(f"{server.url}/counters/k/", headers=SSE)
+            await read_frame(stream)
+            busy = [asyncio.create_task(session.post(f"{server.url}/counters/1/")) for _ in range(20)]  # saves in flight
+            await asyncio.sleep(0.005)
+            deleted, made = await asyncio.gather(session.delete(f"{server.url}/counters/k/", headers=admin),
+                                                 session.post(f"{server.url}/counters/k/"))
+            await asyncio.gather(*busy)
+            assert (deleted.status, made.status) == (204, 200)
+            assert await asyncio.wait_for(stream.content.read(), 2) is not None  # it ended
+            stream.close()
+            assert (await session.put(f"{server.url}/counters/k/", json={"value": 50}, headers=admin)).status == 200
+    assert await server.stop() == 0
+
+
 async def test_shutdown_is_prompt_and_saves_with_vanished_and_frozen_listeners(data_file):
     server = await Server(data_file, "--save-interval", "60").start()
     vanished = await open_raw(server.port, sse_request("/counters/4/"))
