@@ -991,14 +991,18 @@ class Journal:
         self._snapshot_exists = self._target.exists()
         self._torn = False  # an append failed and could not be cut off: the next save compacts
         self._deleted: set[str] = set()  # counters deleted since the last save took its changes
-        self._compaction: asyncio.Task[None] | None = None
+        self._compaction: asyncio.Task[bool] | None = None
+        self._one_compaction_at_a_time = asyncio.Lock()
+        self._retrying_compaction: asyncio.TimerHandle | None = None
         self.saving = Outage(f"saving {path}")
+        self.compacting = Outage(f"folding the journal into {path}")
         if durable:
             store.kept_by(self.kept)
         # For /metrics:
         self.saves = 0
         self.save_failures = 0
         self.compactions = 0
+        self.compaction_failures = 0
         self.last_save_seconds = 0.0  # how long the last save took, failed or not
         # Wall-clock time the files last held every value: the last successful save, or the load (an
         # idle server never saves, and an alert on this age must not fire for it).
@@ -1074,12 +1078,17 @@ class Journal:
             finally:
                 self.saves += 1
                 self.last_save_seconds = time.perf_counter() - started
-        if self._compaction is None and self.compaction_due():
-            self._compaction = asyncio.create_task(self.compact())
+        if self.compaction_due():
+            self._start_compaction()
 
     def compaction_due(self) -> bool:
         """Whether the journal outgrew the data file (bench/run.py makes it always, to time compactions)."""
         return self._journal_bytes > max(self._snapshot_bytes, COMPACT_AT_LEAST)
+
+    def _start_compaction(self) -> None:
+        self._retrying_compaction = None
+        if self._compaction is None:
+            self._compaction = asyncio.create_task(self.compact())
 
     @staticmethod
     async def _in_thread(work: Callable[..., None], *arguments: object) -> None:
@@ -1140,23 +1149,34 @@ class Journal:
         self._compacting.unlink(missing_ok=True)
         fsync_directory(self._target.parent)
 
-    async def compact(self) -> None:
+    async def compact(self) -> bool:
         """Fold the journal into the data file: set it aside and take the ids in one step (saves then
         go on into a new journal), rewrite the data file from the values in a thread, remove the old
-        journal. A failure is the saves' outage; the old journal stays until a compaction succeeds."""
-        try:
-            async with self._one_at_a_time:
-                await self._in_thread(self._rotate)
-                ids = list(self._values)  # ~10 ms for a million: the only part on the event loop
-            started = time.perf_counter()
-            await self._in_thread(self._write_snapshot, ids)
-        except Exception as error:  # noqa: BLE001 - the old journal stays; a later compaction folds it
-            self._save_failed(error, [])
-        else:
-            self.compactions += 1
-            log.info("compacted the journal into %s in %.2f s", self.path, time.perf_counter() - started)
-        finally:
-            self._compaction = None
+        journal; one at a time. Whether it worked: a failure (a full disk) is an outage of its own,
+        which refuses no change (they are on disk, in the journal), retried after a while; the old
+        journal stays until a compaction succeeds."""
+        async with self._one_compaction_at_a_time:
+            try:
+                async with self._one_at_a_time:
+                    await self._in_thread(self._rotate)
+                    ids = list(self._values)  # ~10 ms for a million: the only part on the event loop
+                started = time.perf_counter()
+                await self._in_thread(self._write_snapshot, ids)
+            except Exception as error:  # noqa: BLE001 - the old journal stays; a later compaction folds it
+                self.compacting.failed(failure_reason(error), unexpected=unexpected(error))
+                self.compaction_failures += 1
+                if self._retrying_compaction is None:
+                    self._retrying_compaction = asyncio.get_running_loop().call_later(
+                        self.compacting.retry_delay, self._start_compaction)
+                return False
+            else:
+                self.compacting.succeeded()
+                self.compactions += 1
+                log.info("compacted the journal into %s in %.2f s", self.path, time.perf_counter() - started)
+                return True
+            finally:
+                if self._compaction is asyncio.current_task():
+                    self._compaction = None
 
     def _save_failed(self, error: Exception, waiting: list[asyncio.Future[None]]) -> None:
         self._due.set()
@@ -1189,22 +1209,36 @@ class Journal:
 
     async def close(self) -> None:
         """On a stop, once the requests have ended: the last changes saved, then the journal folded
-        into the data file (which then holds every value) and left empty. If that fails, say what
+        into the data file (which then holds every value) and left empty. If saving fails, say what
         is lost: the counters whose values the files don't hold."""
-        if self._compaction is not None:
-            await asyncio.gather(self._compaction, return_exceptions=True)
         if self._unsaved or self._torn:
             await self.save()
+        if self._retrying_compaction is not None:
+            self._retrying_compaction.cancel()
+        compacted = False
+        if self._compaction is not None:  # one the last save made due
+            compacted = (await asyncio.gather(self._compaction, return_exceptions=True))[0] is True
         if self.saving.error is None and (self._journal_bytes or self._compacting.exists()):
-            await self.compact()
-            if self.saving.error is None:
-                with contextlib.suppress(OSError):
-                    self._journal.touch()  # the journal, empty: every value is in the data file
+            compacted = await self.compact()
+            if not compacted:
+                log.warning("stopping with the journal beside %s (%s): the next start replays it", self.path,
+                            self.compacting.error)
+        if compacted and self.saving.error is None:
+            self._empty_journal()
         if self._descriptor is not None:
             os.close(self._descriptor)
             self._descriptor = None
         if self.saving.error is not None:
             log.error("stopping with %s not saved: %s", self._not_on_disk(), self.saving.error)
+
+    def _empty_journal(self) -> None:
+        """The journal, empty (every value is in the data file), with the data file's mode and owner."""
+        with contextlib.suppress(OSError):
+            descriptor = os.open(self._journal, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            try:
+                keep_permissions(self._target, descriptor)
+            finally:
+                os.close(descriptor)
 
     def _not_on_disk(self) -> str:
         try:
@@ -3611,13 +3645,15 @@ async def metrics(request: web.Request) -> web.Response:
     if journal is not None:
         samples += [
             ("saves_total", "counter", "Saves attempted (appends to the journal).", journal.saves),
-            ("save_errors_total", "counter", "Saves and compactions that failed.", journal.save_failures),
+            ("save_errors_total", "counter", "Saves that failed.", journal.save_failures),
             ("last_save_duration_seconds", "gauge", "How long the last save took.", journal.last_save_seconds),
             ("last_save_success_timestamp_seconds", "gauge",
              "Unix time the files last held every value: the last successful save, or the start.",
              journal.last_saved_at),
             ("saves_failing", "gauge", "1 while saves fail (see /healthz), else 0.", int(journal.save_error is not None)),
             ("compactions_total", "counter", "Times the journal was folded into the data file.", journal.compactions),
+            ("compaction_errors_total", "counter", "Compactions that failed (the journal stays).",
+             journal.compaction_failures),
         ]
     if (link := request.app[REDIS]) is not None:
         samples += [
@@ -3746,7 +3782,8 @@ def create_app(data_path: str | os.PathLike[str] = Settings.data_path, **options
             sender.leading = False
         if grip is not None:
             grip.share_handed = lambda key, publish_id: link.publish(f"g {key.grip_channel(False)} {publish_id or '-'}")
-    app[LOCAL_OUTAGES] = [journal.saving if journal else link.working, hub.sweeping, presence.stats_reading]
+    app[LOCAL_OUTAGES] = ([journal.saving, journal.compacting] if journal else [link.working]) + [
+        hub.sweeping, presence.stats_reading]
     app[OUTAGES] = app[LOCAL_OUTAGES] + (purger.outages if purger else []) + (grip.outages if grip else [])
     if settings.grip_stats:
         import_zmq()  # missing, it is said at the start, not when the first report would come

@@ -13,6 +13,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+import livecounter
 from livecounter import create_app
 from tests.helpers import ZEROS, Server, read_frame, saved_values, wait_until
 
@@ -154,3 +155,61 @@ async def test_a_stop_whose_final_save_fails_says_what_is_lost_and_exits_non_zer
     assert "stopping with the values of 2 counters not saved" in log
     assert "Read-only file system" in log
     assert json.loads(data_file.read_text()) == ZEROS
+
+
+@pytest.fixture
+def two_megabytes(tmp_path):
+    """A 2 MiB tmpfs: room for a journal just past the size that makes a compaction due."""
+    if os.geteuid() != 0:
+        if os.environ.get("CI") == "true":
+            pytest.fail("mounting a tmpfs needs root; CI runs as root")
+        pytest.skip("mounting a tmpfs needs root")
+    mount_point = tmp_path / "disk"
+    mount_point.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount_point)], check=True)
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], check=True)
+
+
+def fill(path):
+    with open(path / "filler", "wb", buffering=0) as filler:
+        try:
+            while True:
+                filler.write(b"\0" * 4096)
+        except OSError:
+            pass
+
+
+@pytest.mark.parametrize("mode", [["--durable"], []], ids=["durable", "write-behind"])
+async def test_a_compaction_that_fails_refuses_nothing_and_is_retried_once_there_is_room(two_megabytes, tmp_path, mode):
+    """Found by an attack on the journal: a compaction that failed for a full disk left durable mode
+    refusing every change for good (and write-behind failing until the next change), although the
+    journal held them all. A compaction's failure refuses nothing; it is retried."""
+    disk = two_megabytes
+    data_file = disk / "counters.json"
+    data_file.write_text(json.dumps(ZEROS))
+    record = b'{"1": 0}\n'
+    (disk / "counters.json.journal").write_bytes(record * (livecounter.COMPACT_AT_LEAST // len(record) + 1))
+    server = Server(data_file, "--save-interval", "0.05", *mode)
+    server.log = tmp_path / "server.log"
+    await server.start()
+    async with aiohttp.ClientSession() as session:
+        fill(disk)
+        # the append goes into the journal's last block (room left); the compaction it makes due
+        # needs a new file and fails
+        first = await session.post(f"{server.url}/counters/1/")
+        assert first.status == 200, await first.text()
+        await wait_until(lambda: "compact" in server.log.read_text() or "failed" in server.log.read_text(), 5)
+        await asyncio.sleep(0.5)
+        (disk / "filler").unlink()  # room again
+
+        async def healthy():
+            return (await session.get(f"{server.url}/healthz")).status == 200
+        await wait_until(healthy, timeout=15, message="/healthz never came back to 200 after the disk had room")
+        post = await session.post(f"{server.url}/counters/2/")
+        assert post.status == 200
+    assert await server.stop() == 0
+    assert saved_values(data_file)["2"] == 1 and saved_values(data_file)["1"] == 1
+    assert (disk / "counters.json.journal").read_bytes() == b""  # folded into the data file at the stop
