@@ -188,21 +188,29 @@ def redis_url(given: object) -> str:
         if scheme == "redis+sentinel" and sentinel_parts(given) is not None:
             return given
     raise ValueError("must be redis://HOST:PORT[/DB], rediss://..., unix://PATH or "
-                     f"redis+sentinel://HOST:PORT[,HOST:PORT...]/SERVICE[/DB], not {given!r}")
+                     f"redis+sentinel://[:PASSWORD@]HOST:PORT[,HOST:PORT...]/SERVICE[/DB], not {shown_url(str(given))!r}")
 
 
-def sentinel_parts(url: str) -> tuple[list[tuple[str, int]], str, int] | None:
-    """The Sentinels, the service and the database of a redis+sentinel:// URL; None if it isn't one."""
-    match = re.fullmatch(r"redis\+sentinel://([^/]+)/([^/]+)(?:/(\d+))?/?", url)
+class SentinelURL(NamedTuple):
+    sentinels: list[tuple[str, int]]
+    service: str
+    database: int
+    password: str | None  # Redis's (requirepass); the Sentinels take none
+
+
+def sentinel_parts(url: str) -> SentinelURL | None:
+    """The parts of redis+sentinel://[:PASSWORD@]HOST:PORT[,HOST:PORT...]/SERVICE[/DB]; None if it
+    isn't one."""
+    match = re.fullmatch(r"redis\+sentinel://(?::([^@/]*)@)?([^/@]+)/([^/]+)(?:/(\d+))?/?", url)
     if not match:
         return None
     sentinels = []
-    for address in match[1].split(","):
+    for address in match[2].split(","):
         host, _, port = address.rpartition(":")
         if not host or not port.isdigit():
             return None
         sentinels.append((host.strip("[]"), int(port)))
-    return sentinels, match[2], int(match[3] or 0)
+    return SentinelURL(sentinels, match[3], int(match[4] or 0), urllib.parse.unquote(match[1]) if match[1] else None)
 
 
 RECONNECT_WAIT_MAX = 86_400  # seconds: a day
@@ -2475,7 +2483,7 @@ HEARTBEAT = 1.0  # seconds between a process's heartbeats and renewals
 DEAD_AFTER = 3.5  # seconds of silence after which a process counts no watchers
 LEADER_TTL_MS = 3000  # how long the leadership lasts unless renewed
 RECENT = 10.0  # seconds a change is remembered, for a new leader to publish and purge it again
-WAIT_TIMEOUT_MS = 1000  # --durable: how long a change waits for a replica to hold it
+WAIT_TIMEOUT_MS = 400  # --durable: how long a change waits for a replica (within REDIS_TIMEOUT's read)
 SEED_CHUNK = 10_000  # counters per command when the data file seeds an empty Redis
 
 # The change script, with the keys and the settings it needs written into it: a call is then EVALSHA,
@@ -2546,10 +2554,9 @@ def redis_client(url: str) -> Any:
     options = {"socket_timeout": REDIS_TIMEOUT, "socket_connect_timeout": REDIS_TIMEOUT,
                "retry": redis.asyncio.retry.Retry(redis.backoff.NoBackoff(), 0), "health_check_interval": 0}
     if (parts := sentinel_parts(url)) is not None:
-        sentinels, service, database = parts
-        sentinel = redis.asyncio.sentinel.Sentinel(sentinels, sentinel_kwargs={
+        sentinel = redis.asyncio.sentinel.Sentinel(parts.sentinels, sentinel_kwargs={
             "socket_timeout": REDIS_TIMEOUT, "socket_connect_timeout": REDIS_TIMEOUT}, **options)
-        return sentinel.master_for(service, db=database)
+        return sentinel.master_for(parts.service, db=parts.database, password=parts.password)
     return redis.asyncio.Redis.from_url(url, **options)
 
 
@@ -2569,6 +2576,7 @@ class RedisLink:
         self.process = f"{socket.gethostname()}:{os.getpid()}:{random.randrange(1 << 32):08x}"
         self.durable = durable
         self.working = Outage(f"Redis at {shown_url(url)}")
+        self.fitness = Outage(f"Redis at {shown_url(url)} for --durable")  # checked each heartbeat
         self.leading = False
         self.replicas = 0  # --durable: replicas a change waits for (one), if the primary has any
         # The scripts by their SHA1 (EVALSHA), loaded at the start and again when Redis says it lacks
@@ -2595,7 +2603,8 @@ class RedisLink:
 
     @property
     def refusing(self) -> str | None:
-        return self.working.error
+        """Why changes are refused now: Redis fails, or (--durable) the primary doesn't fsync each one."""
+        return self.working.error or self.fitness.error
 
     # --- writes ---
 
@@ -2679,22 +2688,26 @@ class RedisLink:
             await self.load_scripts()
             if self.durable:
                 config = {**await self.client.config_get("appendonly"), **await self.client.config_get("appendfsync")}
-                await self._count_replicas()
-        except ValueError:
-            raise
+                replication = await self.client.info("replication")
         except Exception as error:  # noqa: BLE001 - whatever stops it, the start says it in one line
             raise ValueError(f"--redis {shown_url(self.url)}: {failure_reason(error)}") from None
-        if self.durable:
-            config = {key.decode() if isinstance(key, bytes) else key: value.decode() if isinstance(value, bytes) else value
-                      for key, value in config.items()}
-            if config.get("appendonly") != "yes" or config.get("appendfsync") != "always":
-                raise ValueError(f"--durable with --redis needs Redis to write every change to disk before it "
-                                 f"answers: appendonly yes and appendfsync always (it has appendonly "
-                                 f"{config.get('appendonly')}, appendfsync {config.get('appendfsync')})")
+        if self.durable and (unfit := self._judge_durability(config, replication)):
+            raise ValueError(unfit)
 
-    async def _count_replicas(self) -> None:
-        info = await self.client.info("replication")
-        self.replicas = int(info.get("connected_slaves", 0))
+    def _judge_durability(self, config: dict[Any, Any], replication: dict[str, Any]) -> str | None:
+        """--durable: why this Redis (the primary now) can't make a change durable before it answers,
+        or None; an outage of its own while it lasts (changes are refused), and the replicas to wait for."""
+        config = {key.decode() if isinstance(key, bytes) else key: value.decode() if isinstance(value, bytes) else value
+                  for key, value in config.items()}
+        self.replicas = int(replication.get("connected_slaves", 0))
+        if config.get("appendonly") == "yes" and config.get("appendfsync") == "always":
+            self.fitness.succeeded()
+            return None
+        reason = (f"--durable with --redis needs Redis to write every change to disk before it answers: "
+                  f"appendonly yes and appendfsync always (it has appendonly {config.get('appendonly')}, "
+                  f"appendfsync {config.get('appendfsync')})")
+        self.fitness.failed(reason)
+        return reason
 
     async def seed(self, counters: dict[str, int]) -> bool:
         """The data file's counters, into a Redis that never had any (the first start, once): whether
@@ -2757,8 +2770,6 @@ class RedisLink:
         pubsub = self.client.pubsub(ignore_subscribe_messages=True)
         try:
             await asyncio.wait_for(pubsub.subscribe(REDIS_PREFIX + "changes"), REDIS_GIVE_UP)
-            if self.durable:  # again: a failover may have made another Redis the primary
-                await self.check()
             if self.on_subscribed is not None:
                 await self.on_subscribed()
             self.subscribed.set()
@@ -2796,6 +2807,10 @@ class RedisLink:
             else:
                 pipe.hdel(watchers, counter_id)
         pipe.pexpire(watchers, int(1000 * DEAD_AFTER))
+        if self.durable:  # what --durable needs, each second: the primary may be another since the last
+            pipe.config_get("appendonly")
+            pipe.config_get("appendfsync")
+            pipe.info("replication")
         pipe.evalsha(self._scripts[RENEW_SCRIPT], 1, REDIS_PREFIX + "leader", self.process, LEADER_TTL_MS)
         try:
             answers = await asyncio.wait_for(pipe.execute(), REDIS_GIVE_UP)
@@ -2803,6 +2818,8 @@ class RedisLink:
             self._counts_to_store = counts | self._counts_to_store
             raise
         self.working.succeeded()  # writes work again (the leader's key is one): changes are taken again
+        if self.durable:
+            self._judge_durability({**answers[-4], **answers[-3]}, answers[-2])
         self.on_beat()
         if (leading := answers[-1] == 1) != self.leading:
             log.info("this process %s", "leads: it purges caches and publishes to Pushpin" if leading
@@ -3782,7 +3799,7 @@ def create_app(data_path: str | os.PathLike[str] = Settings.data_path, **options
             sender.leading = False
         if grip is not None:
             grip.share_handed = lambda key, publish_id: link.publish(f"g {key.grip_channel(False)} {publish_id or '-'}")
-    app[LOCAL_OUTAGES] = ([journal.saving, journal.compacting] if journal else [link.working]) + [
+    app[LOCAL_OUTAGES] = ([journal.saving, journal.compacting] if journal else [link.working, link.fitness]) + [
         hub.sweeping, presence.stats_reading]
     app[OUTAGES] = app[LOCAL_OUTAGES] + (purger.outages if purger else []) + (grip.outages if grip else [])
     if settings.grip_stats:

@@ -57,7 +57,7 @@ class Redis:
     def answers(self) -> bool:
         with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as sock:
             sock.sendall(b"PING\r\n")
-            return sock.recv(64).startswith(b"+PONG")
+            return sock.recv(64).startswith((b"+PONG", b"-NOAUTH"))  # up, with a password or not
         return False
 
     def command(self, *args: str) -> str:
@@ -316,12 +316,68 @@ async def test_a_sentinel_failover_under_durable_load_loses_no_acknowledged_incr
         replica.kill()
 
 
-async def start_sentinel(directory: Path, primary_port: int):
+async def test_durable_refuses_changes_while_the_primary_stops_fsyncing_each_and_while_no_replica_answers(tmp_path, data_file):
+    """The primary's settings are checked every second, not only at the start (a failover makes another
+    Redis the primary): with appendfsync everysec changes are refused, and stay refused, until it is
+    back to always. A replica that doesn't acknowledge (frozen) gets a change refused too."""
+    primary = await Redis(tmp_path / "primary").start()
+    replica = await Redis(tmp_path / "replica", "--replicaof", "127.0.0.1", str(primary.port)).start()
+    await wait_until(lambda: "master_link_status:up" in replica.command("INFO", "replication"), timeout=10)
+    try:
+        process = await livecounter(data_file, primary.url, "--durable").start()
+        async with aiohttp.ClientSession() as session:
+            await wait_until(lambda: _status_of(session.post(f"{process.url}/counters/1/"), 200), timeout=5)
+            primary.command("CONFIG", "SET", "appendfsync", "everysec")
+            refused = await wait_until(lambda: _status_of(session.post(f"{process.url}/counters/1/"), 503), timeout=3)
+            assert "appendfsync always" in await refused.text()
+            for _ in range(15):  # refused for as long as it lasts, not every other time
+                assert (await session.post(f"{process.url}/counters/1/")).status == 503
+                await asyncio.sleep(0.1)
+            assert "appendfsync always" in await (await session.get(f"{process.url}/healthz")).text()
+            primary.command("CONFIG", "SET", "appendfsync", "always")
+            await wait_until(lambda: _status_of(session.post(f"{process.url}/counters/1/"), 200), timeout=3)
+            os.kill(replica.process.pid, signal.SIGSTOP)  # connected, but acknowledging nothing
+            try:
+                refused = await session.post(f"{process.url}/counters/1/")
+                assert refused.status == 503
+                assert "no replica of Redis" in await refused.text()
+            finally:
+                os.kill(replica.process.pid, signal.SIGCONT)
+            await wait_until(lambda: _status_of(session.post(f"{process.url}/counters/1/"), 200), timeout=3)
+        assert await process.stop() == 0
+    finally:
+        primary.kill()
+        replica.kill()
+
+
+async def _status_of(request, status):
+    response = await request
+    return response if response.status == status else None
+
+
+async def test_a_password_reaches_redis_through_the_sentinels(tmp_path, data_file):
+    need_redis("redis-sentinel")
+    primary = await Redis(tmp_path / "primary", "--requirepass", "s3cret:w@rd").start()
+    sentinel_port, sentinel = await start_sentinel(tmp_path / "sentinel", primary.port, password="s3cret:w@rd")
+    try:
+        url = f"redis+sentinel://:s3cret%3Aw%40rd@127.0.0.1:{sentinel_port}/livecounter"
+        process = await livecounter(data_file, url).start()
+        async with aiohttp.ClientSession() as session:
+            assert await (await session.post(f"{process.url}/counters/1/")).text() == "1\n"
+        assert await process.stop() == 0
+        assert "s3cret" not in process.log.read_text()  # never shown
+    finally:
+        sentinel.kill()
+        primary.kill()
+
+
+async def start_sentinel(directory: Path, primary_port: int, password: str | None = None):
     directory.mkdir(parents=True)
     port = free_port()
     config = directory / "sentinel.conf"
     config.write_text(f"port {port}\nbind 127.0.0.1\ndir {directory}\nlogfile {directory / 'sentinel.log'}\n"
-                      f"sentinel monitor livecounter 127.0.0.1 {primary_port} 2\n"
+                      f"sentinel monitor livecounter 127.0.0.1 {primary_port} {1 if password else 2}\n"
+                      + (f"sentinel auth-pass livecounter {password}\n" if password else "") +
                       "sentinel down-after-milliseconds livecounter 1000\n"
                       "sentinel failover-timeout livecounter 5000\nsentinel parallel-syncs livecounter 1\n")
     process = subprocess.Popen(["redis-sentinel", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
