@@ -818,8 +818,10 @@ class Loaded(NamedTuple):
 def load_counters(path: Path, *, starting: bool = True) -> Loaded:
     """Read and check the data file, then replay the journals beside it: a compaction's left by a
     crash, then the current one. A missing data file means no counters yet; a torn last record of a
-    journal (a crash in mid-write: nothing acknowledged was in it) is dropped with a warning, and
-    cut off the journal when starting (appends then follow a whole record)."""
+    journal (a crash in mid-write: with --durable nothing acknowledged was in it) is dropped with a
+    warning, and cut off the journal when starting (appends then follow a whole record). Not
+    starting (a look at what is saved, or the seed of --redis, which writes no file): no changes, no
+    warning of a missing file."""
     target = Path(os.path.realpath(path))
     journal, compacting = journal_paths(target)
     try:
@@ -908,8 +910,8 @@ def replay(journal: Path, counters: dict[str, int], *, cut_torn: bool) -> int:
             else:
                 counters[counter_id] = value
     if whole < len(data):
-        log.warning("%s: dropped a torn last record (%d bytes, a crash in mid-write; nothing acknowledged "
-                    "was in it)", journal, len(data) - whole)
+        log.warning("%s: dropped a torn last record (%d bytes, a crash in mid-write; with --durable nothing "
+                    "acknowledged was in it)", journal, len(data) - whole)
         if cut_torn:
             try:
                 os.truncate(journal, whole)
@@ -1419,8 +1421,8 @@ class ListenerHub:
 
     def admit(self, client: str, style: int, keys: list[Key], value_of: Callable[[Key], int]) -> Listener:
         """A listener of these channels (the limits checked just before, with no await between),
-        counted in them from now on; its `first` values are what their listeners were last sent
-        (value_of for a channel nobody listens to yet). release() gives its slot back."""
+        counted in them from now on; its `first` values are the channels' latest (value_of for a
+        channel nobody listens to yet). release() gives its slot back."""
         self.listener_count += 1
         self._per_client[client] = self._per_client.get(client, 0) + 1
         listener = Listener(self, client, style)
@@ -2461,14 +2463,15 @@ def grip_sig_valid(signature: str, key: str | None) -> bool:
 #   {livecounter}:values          hash: counter id -> value
 #   {livecounter}:versions        hash: counter id -> how many changes it had (never reset)
 #   {livecounter}:order           sorted set: counter id -> creation number (the listing's order)
-#   {livecounter}:made            the last creation number
+#   {livecounter}:made            the last creation number (and {livecounter}:made:probe, which a
+#                                 write probes with: a replica refuses it, as it would a change)
 #   {livecounter}:seeded          "done" once the data file's counters went in (the first start)
 #   {livecounter}:leader          the process that purges caches and publishes to Pushpin (expires)
 #   {livecounter}:watchers:PROC   hash: counter id -> streams of process PROC watching it (expires)
 # and the pub/sub channel {livecounter}:changes, whose messages are "v ID VALUE VERSION" (a value),
 # "d ID VERSION" (a deletion), "w PROC ID COUNT" (a process's watcher count), "h PROC" (a process is
-# alive, every second) and "g CHANNEL ID" (the GRIP id the leader last handed to Pushpin for a
-# channel, "-" once forgotten).
+# alive, every second), "x PROC" (a process stopped) and "g CHANNEL ID" (the GRIP id the leader last
+# handed to Pushpin for a channel, "-" once forgotten).
 #
 # Watcher counts: each process shares its own streams' count of each counter; a counter's count is
 # the sum over the processes heard from within DEAD_AFTER. GRIP publishes and cache purges go out
@@ -3754,7 +3757,7 @@ def create_app(data_path: str | os.PathLike[str] = Settings.data_path, **options
                     "Pushpin's, so a client reaching livecounter directly could have a stream held for it")
     app = web.Application()
     app[SETTINGS] = settings
-    loaded = load_counters(settings.data_path)
+    loaded = load_counters(settings.data_path, starting=not settings.redis)  # --redis: only its seed
     feed = ChangeFeed()
     if settings.redis:  # the counters live in Redis; the data file only seeds an empty one (see there)
         app[REDIS] = link = RedisLink(settings.redis, durable=settings.durable, auto_create=settings.auto_create,

@@ -1832,6 +1832,30 @@ async def test_help_documents_every_option():
         assert "LIVECOUNTER_" + flag[2:].replace("-", "_").upper() in text
     # Each says what to write: a URL, a number of seconds, ...
     assert "--grip-url URL" in text and "--data FILE" in text and "--save-interval SECONDS" in text
+    # ... and what an on/off variable takes; --trust-proxy never goes where clients reach livecounter.
+    assert "on/off variables take 1, true, yes, on for on, 0, false, no, off for off" in text
+    assert "never when clients reach livecounter directly" in text
+    # The help and the README say the same defaults (two that disagreed once).
+    readme = " ".join((HERE / "README.md").read_text().split())
+    assert "ipc:///var/run/pushpin/pushpin-stats" in text and "ipc:///var/run/pushpin/pushpin-stats" in readme
+    assert "the open-file limit less a tenth of it" in text and "the open-file limit less a tenth of it" in readme
+
+
+async def test_a_start_with_no_data_file_says_how_to_make_a_counter(tmp_path):
+    server = await Server(tmp_path / "none.json").start()
+    await server.stop()
+    assert "starting with no counters (an admin PUT makes one, or --auto-create lets a POST make it)" in \
+        server.log.read_text()
+    assert not (tmp_path / "none.json").exists()  # nothing changed: no file made
+
+
+def test_every_file_the_readme_names_is_in_the_clone():
+    """The README's commands and links name deploy/ and docs/ files a newcomer copies: each is there."""
+    readme = (HERE / "README.md").read_text()
+    named = set(re.findall(r"(?<![\w/])((?:deploy|docs|bench|tests)/[\w./-]*\w)", readme))
+    named |= {path for path in re.findall(r"/opt/livecounter/([\w./-]*\w)", readme) if "/" in path or "." in path}
+    missing = sorted(path for path in named if not (HERE / path).exists() and path != "venv/bin/pip")
+    assert not missing, f"the README names files the clone lacks: {missing}"
 
 
 async def test_version_is_shown():
