@@ -5,6 +5,7 @@ import contextlib
 import json
 import random
 import signal
+import time
 from pathlib import Path
 
 import aiohttp
@@ -69,9 +70,11 @@ async def test_kill_9_while_a_stop_compacts_the_journal_loses_nothing_acknowledg
         server.process.send_signal(signal.SIGTERM)
         if cycle % 2:  # at a random instant of the stop
             await asyncio.sleep(random.uniform(0, 0.6))
-        else:  # once the journal is set aside: the data file is being written
-            await wait_until(lambda: compacting.exists() or server.process.returncode is not None, timeout=10)
-            await asyncio.sleep(random.uniform(0, 0.05))
+        else:  # once the journal is set aside: the data file is being written (for ~0.1 s)
+            deadline = time.monotonic() + 10
+            while not compacting.exists() and server.process.returncode is None and time.monotonic() < deadline:
+                await asyncio.sleep(0.002)  # wait_until's 50 ms would miss much of it
+            await asyncio.sleep(random.uniform(0, 0.02))
             hit_compaction += compacting.exists()
         if server.process.returncode is None:
             with contextlib.suppress(ProcessLookupError):  # unless the stop was done
