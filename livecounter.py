@@ -517,18 +517,21 @@ class ChangeFeed:
             log.exception("%s failed on a change of %s (logged once)", receiver.__qualname__, key)
 
 
-# How fast a channel's changes fan out (to streams, to Pushpin, as watcher counts) is one policy:
-# at once while the channel is calm, and after a rest while it is hot. A channel is hot when it
-# changed again sooner after its last fan-out than that fan-out took: changes come faster than it
-# can send them, and the work they hold up (increments, other counters) waits. A hot channel rests
-# REST times as long as its last fan-out took, so that its fan-outs take at most a sixth of the
-# time, and the next one carries whatever is latest by then. A calm channel's change goes at once.
+# How fast changes fan out (to streams, to Pushpin, as watcher counts) is one policy: at once while
+# calm, and after a rest while hot. What fans out is hot when a change comes sooner after its last
+# fan-out than that fan-out took: changes come faster than it can send them, and the work they hold
+# up (increments, other counters) waits. Hot, it rests REST times as long as its last fan-out took,
+# so that fan-outs take at most a sixth of the time, and the next carries whatever is latest by
+# then. What shares a cost shares a pace: the streams of every counter share the event loop, so
+# the hub has one pace for all of them (ten hot counters rest as one, taking turns); Pushpin
+# deliveries and watcher counts cost per channel, so their paces are per channel.
 
 REST = 5
 
 
 class Pace:
-    """One channel's last fan-out: when it ended and how long it took (what it is taken to cost)."""
+    """The last fan-out of what shares a pace: when it ended and how long it took (what it is taken
+    to cost)."""
 
     __slots__ = ("ended", "took")
 
@@ -1369,7 +1372,7 @@ class Listener:
 class Channel:
     """One channel's listeners (taken over, and still arriving) and what they have been sent."""
 
-    __slots__ = ("key", "listeners", "arriving", "value", "sent", "pending", "pace", "last_write")
+    __slots__ = ("key", "listeners", "arriving", "value", "sent", "pending", "last_write")
 
     def __init__(self, key: Key, value: int) -> None:
         self.key = key
@@ -1377,8 +1380,7 @@ class Channel:
         self.arriving: set[Listener] = set()  # admitted, their first frames still going out
         self.value = value  # the latest value the feed released
         self.sent = value  # the value the last broadcast carried
-        self.pending: asyncio.Handle | None = None  # the scheduled broadcast, at most one
-        self.pace = Pace()
+        self.pending = False  # a broadcast of it waits its turn (see ListenerHub.changed)
         self.last_write = time.monotonic()
 
     def __len__(self) -> int:
@@ -1408,6 +1410,12 @@ class ListenerHub:
         self.sweeping = Outage("sweeping stalled listeners and idle streams")
         self.broadcasts = 0  # for /metrics
         self.coalesced = 0  # changes folded into a broadcast already scheduled
+        # Broadcasts share the event loop, so they share one pace: the channels whose broadcast
+        # waits, in the order they changed, each sent in its turn, and the loop's turn scheduled.
+        self._pace = Pace()
+        self._waiting: dict[Channel, None] = {}
+        self._turn: asyncio.Handle | None = None
+        self._queued = 0  # changes that put a channel in the queue (with coalesced: every change)
 
     def refusal(self, client: str) -> tuple[type[web.HTTPException], str] | None:
         """Why the server, or this client, can't open another stream now: the status and reason."""
@@ -1452,8 +1460,7 @@ class ListenerHub:
             channel.listeners.discard(listener)
             channel.arriving.discard(listener)
             if not channel and self._channels.get(channel.key) is channel:
-                if channel.pending is not None:
-                    channel.pending.cancel()
+                self._waiting.pop(channel, None)
                 del self._channels[channel.key]
             if not channel.key.watchers:
                 self.watchers_changed(channel.key.counter_id)
@@ -1484,7 +1491,7 @@ class ListenerHub:
             channel.listeners.add(listener)
             # Changed since its first frame: a broadcast that is scheduled carries the latest value to
             # every listener of the channel, this one included; only one already made can't.
-            if channel.value != listener.first[channel.key] and channel.pending is None:
+            if channel.value != listener.first[channel.key] and not channel.pending:
                 catch_up[channel.key] = channel.value
         listener.first = None
         asyncio.get_running_loop().add_reader(listener.sock.fileno(), listener.on_readable)
@@ -1543,26 +1550,60 @@ class ListenerHub:
                 self._end(listener)
             return
         channel.value = value
-        if channel.pending is not None:
+        if channel.pending:
             self.coalesced += 1
             return
         # Marked here, not when the broadcast starts: a burst of POSTs schedules it once.
-        loop = asyncio.get_running_loop()
-        if rest := channel.pace.wait(time.monotonic()):
-            channel.pending = loop.call_later(rest, self._broadcast, channel)
-        else:
-            channel.pending = loop.call_soon(self._broadcast, channel)
+        channel.pending = True
+        self._waiting[channel] = None
+        self._queued += 1
+        if self._turn is None:
+            self._schedule_turn()
 
-    def _broadcast(self, channel: Channel) -> None:
-        channel.pending = None
-        if channel.value == channel.sent:
+    def _schedule_turn(self) -> None:
+        """The next waiting broadcast, for a change that comes now: at once while calm, after the
+        rest while hot."""
+        loop = asyncio.get_running_loop()
+        if rest := self._pace.wait(time.monotonic()):
+            self._turn = loop.call_later(rest, self._take_turn)
+        else:
+            self._turn = loop.call_soon(self._take_turn)
+
+    def _take_turn(self) -> None:
+        self._turn = None
+        if not self._waiting:
+            return  # its channels are gone
+        channel = next(iter(self._waiting))
+        del self._waiting[channel]
+        channel.pending = False
+        went = self._broadcast(channel)
+        if not self._waiting:
             return
+        if not went:
+            self._schedule_turn()
+            return
+        # Others wait: whether the loop is hot depends on the changes of the next moment (as long as
+        # the broadcast took). None: the burst is over, and they go in turn at once, not after rests.
+        changes = self.coalesced + self._queued
+        self._turn = asyncio.get_running_loop().call_later(self._pace.took, self._hot_or_not, changes)
+
+    def _hot_or_not(self, changes_before: int) -> None:
+        if self.coalesced + self._queued == changes_before:
+            self._take_turn()
+        else:
+            self._turn = asyncio.get_running_loop().call_later((REST - 1) * self._pace.took, self._take_turn)
+
+    def _broadcast(self, channel: Channel) -> bool:
+        """Send the channel's latest value, if its listeners don't have it: whether it went."""
+        if channel.value == channel.sent:
+            return False
         started = time.monotonic()
         channel.sent = channel.value
         self._write_all(channel, channel.key.frames(channel.value))
         self.broadcasts += 1
         ended = time.monotonic()
-        channel.pace.went(ended - started, ended)
+        self._pace.went(ended - started, ended)
+        return True
 
     def _write_all(self, channel: Channel, frames: Frames) -> None:
         """Write to every listener that keeps up; the others get the latest when they drain."""

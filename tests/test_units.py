@@ -1,11 +1,13 @@
-"""The pure parts, each on its own: no server, no socket, no outside program (well under a second).
+"""The pure parts, each on its own: no server, no socket, no outside program (a second or two).
 
 Channel keys, the pace of fan-outs, the journal's replay, the tnetstring reader of Pushpin's stats,
 publish pacing, badge widths, and the checks of every setting.
 """
 
+import asyncio
 import json
 import math
+import time
 
 import pytest
 
@@ -48,6 +50,43 @@ def test_a_calm_channel_goes_at_once_and_a_hot_one_rests():
     assert pace.wait(100.06) == 0  # the next change came later than it took: calm, at once
     assert pace.wait(100.01) == pytest.approx(livecounter.REST * 0.05 - 0.01)  # sooner: hot, rests
     assert pace.wait(100.0) == pytest.approx(livecounter.REST * 0.05)
+
+
+class SlowStream:
+    """A stream the hub writes to, whose socket takes 2 ms a write (a big crowd, in small)."""
+    unsent = b""
+    style = 0
+
+    def __init__(self, received: list) -> None:
+        self.received = received
+
+    def write(self, frame: bytes) -> None:
+        time.sleep(0.002)
+        self.received.append(frame)
+
+
+async def test_hot_counters_share_the_loops_pace_and_end_current():
+    """Every counter's streams share the event loop, so while three counters are hot their
+    broadcasts together take about a sixth of the time (each resting after its own: half), every
+    counter takes its turns, and each ends on its last value soon after the changes stop."""
+    hub = livecounter.ListenerHub(keepalive_interval=15, stall_timeout=30, max_listeners=100, max_listeners_per_ip=100)
+    keys = [Key((str(n), False)) for n in range(3)]
+    received = {key: [] for key in keys}
+    for key in keys:  # five streams each: 10 ms a broadcast
+        channel = hub._channels[key] = livecounter.Channel(key, 0)
+        channel.listeners.update(SlowStream(received[key]) for _ in range(5))
+    values = dict.fromkeys(keys, 0)
+    started = time.monotonic()
+    while time.monotonic() - started < 1.0:
+        for key in keys:
+            values[key] += 1
+            hub.changed(key, values[key])
+        await asyncio.sleep(0.001)
+    busy = 0.002 * sum(len(frames) for frames in received.values()) / (time.monotonic() - started)
+    assert busy < 0.25, f"broadcasts took {busy:.0%} of the loop"
+    assert all(len(frames) >= 2 * 5 for frames in received.values())  # turns: none starved
+    await asyncio.sleep(0.2)  # the changes stopped: the waiting ones go in turn, without rests
+    assert [frames[-1] for frames in received.values()] == [key.frames(values[key])[0] for key in keys]
 
 
 def test_paces_forget_what_can_make_nobody_wait():
