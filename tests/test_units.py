@@ -146,10 +146,42 @@ def test_a_compaction_a_crash_left_is_replayed_before_the_journal(tmp_path):
     assert load_counters(data).counters == {"1": 3, "2": 1}
 
 
-def test_the_data_file_is_written_as_json_dumps_would_indent_it():
+@pytest.mark.parametrize("piece", [1, 2, 10_000])
+def test_the_data_file_is_written_as_json_dumps_would_indent_it(monkeypatch, piece):
+    monkeypatch.setattr(livecounter, "SNAPSHOT_PIECE", piece)  # pieces of one, two, and all at once
+
+    def text(ids, values):
+        return b"".join(livecounter.snapshot_pieces(ids, values)).decode()
     values = {"1": 0, "blog.post-1": -5, "z": 9007199254740991}
-    assert livecounter.snapshot_text(list(values) + ["gone"], values) == json.dumps(values, indent=2) + "\n"
-    assert livecounter.snapshot_text([], {}) == "{}\n"
+    assert text(["gone", *values, "gone too"], values) == json.dumps(values, indent=2) + "\n"
+    assert text(["1", "gone", "gone too", "z"], values) == json.dumps({"1": 0, "z": 9007199254740991}, indent=2) + "\n"
+    assert text(["gone"], values) == text([], {}) == "{}\n"
+
+
+@pytest.mark.parametrize("meanwhile", ["deleted and made", "made", "deleted"])
+def test_a_data_file_written_while_counters_come_and_go_misses_none(tmp_path, monkeypatch, meanwhile):
+    """A compaction reads the counters in pieces, without a copy, while the event loop goes on. A
+    counter deleted and another made between two pieces move the others in the dict's order (read
+    on, counter 3 would be missing from the file, and lost with the old journal): the file is then
+    written again from a copy, and has every counter."""
+    monkeypatch.setattr(livecounter, "SNAPSHOT_PIECE", 2)
+    data = tmp_path / "counters.json"
+    data.write_text(json.dumps({str(n): n for n in range(1, 6)}))
+    loaded = load_counters(data)
+    feed = livecounter.ChangeFeed()
+    store = livecounter.CounterStore(loaded.counters, feed, auto_create=False, max_counters=100, durable=False)
+    journal = livecounter.Journal(data, loaded, store, feed, save_interval=1, durable=False)
+    expected = dict(loaded.counters)
+
+    def the_loops_turn(seconds):  # the thread lets go of the GIL after a piece: the loop changes them
+        if "deleted" in meanwhile and "2" in expected:
+            store.delete("2")
+            del expected["2"]
+        if "made" in meanwhile and "x" not in expected:
+            expected["x"] = store.set("x", 7)
+    monkeypatch.setattr(livecounter.time, "sleep", the_loops_turn)
+    journal._write_snapshot()
+    assert json.loads(data.read_text()) == expected
 
 
 def test_a_missing_data_file_with_a_journal_starts_from_the_journal(tmp_path):
