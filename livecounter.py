@@ -4627,6 +4627,11 @@ def main(argv: list[str] | None = None) -> int:
 # it goes to whichever worker accepts first, and none is lost when a worker dies. A worker that
 # dies is started again; SIGTERM or SIGINT stops them all (each stops as one process does).
 
+# After a restart every browser's EventSource reconnects at once: with aiohttp's 128 connections
+# queued in the listening socket, the rest wait a SYN retransmit (1 s, then 3 s, ...) each. The
+# kernel caps it at net.core.somaxconn (4096 by default).
+LISTEN_BACKLOG = 4096
+
 WORKER = "LIVECOUNTER_WORKER"  # set in a worker's environment: it says nothing at the start
 WORKER_RESTART_DELAY = 1.0  # seconds before a worker that died is started again
 
@@ -4634,7 +4639,7 @@ WORKER_RESTART_DELAY = 1.0  # seconds before a worker that died is started again
 def supervise(args: argparse.Namespace, argv: list[str], sockets: list[socket.socket]) -> int:
     if not sockets:
         try:
-            sockets = [socket.create_server((args.host, args.port), backlog=4096,
+            sockets = [socket.create_server((args.host, args.port), backlog=LISTEN_BACKLOG,
                                             family=socket.AF_INET6 if ":" in args.host else socket.AF_INET)]
         except OSError as error:
             print(f"livecounter: cannot listen on {args.host}:{args.port}: {error.strerror or error}", file=sys.stderr)
@@ -4711,16 +4716,15 @@ async def serve(app: web.Application, host: str, port: int, access_log: logging.
         await runner.cleanup()
         return 2
     if sockets:
-        # Socket activation: systemd keeps listening (with its socket unit's backlog) while no
-        # livecounter runs, so a restart refuses no connection: they wait for the next process.
+        # Socket activation: systemd keeps listening while no livecounter runs, so a restart refuses
+        # no connection: they wait for the next process. (aiohttp listens on it again, with its
+        # own backlog unless told: 128, in place of the socket unit's.)
         for sock in sockets:
-            await web.SockSite(runner, sock).start()
+            await web.SockSite(runner, sock, backlog=LISTEN_BACKLOG).start()
         urls = [socket_url(sock) for sock in sockets]
     else:
         try:
-            # backlog: after a restart every browser's EventSource reconnects at once; 128 queued
-            # connections overflow and the rest wait a SYN retransmit (1 s, then 3 s, ...) each.
-            site = web.TCPSite(runner, host, port, backlog=4096)
+            site = web.TCPSite(runner, host, port, backlog=LISTEN_BACKLOG)
             await site.start()
         except OSError as error:  # the port is taken, or the address is not this machine's
             print(f"livecounter: cannot listen on {host}:{port}: {error.strerror or error}", file=sys.stderr)

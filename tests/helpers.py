@@ -6,9 +6,11 @@ fixtures (data_file, make_client, client) are conftest.py's.
 import asyncio
 import os
 import re
+import select
 import signal
 import socket
 import sys
+import time
 import weakref
 from pathlib import Path
 
@@ -198,3 +200,32 @@ async def wait_until(condition, timeout=5, message="the condition never held"):
 async def metric(session, url, name):
     text = await (await session.get(f"{url}/metrics")).text()
     return float(next(line.split()[1] for line in text.splitlines() if line.startswith(f"livecounter_{name} ")))
+
+
+def handshakes_while_frozen(pids, port, count=600, timeout=3.0) -> int:
+    """How many of `count` connections opened at once complete their handshake while the processes
+    that accept them are stopped (SIGSTOP): those the listening socket's backlog queues. The others
+    wait for a SYN retransmit, and more, until someone accepts."""
+    sockets = []
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        for _ in range(count):
+            sock = socket.socket()
+            sock.setblocking(False)
+            sock.connect_ex(("127.0.0.1", port))
+            sockets.append(sock)
+        poll, by_fd = select.poll(), {sock.fileno(): sock for sock in sockets}
+        for sock in sockets:
+            poll.register(sock, select.POLLOUT)
+        deadline, connected = time.monotonic() + timeout, 0
+        while connected < count and time.monotonic() < deadline:
+            for fd, _ in poll.poll(100):
+                poll.unregister(fd)
+                connected += not by_fd[fd].getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        return connected
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+        for sock in sockets:
+            sock.close()

@@ -27,7 +27,7 @@ import aiohttp
 import pytest
 
 import livecounter
-from tests.helpers import SSE, Server, free_port, read_until_value
+from tests.helpers import SSE, Server, free_port, handshakes_while_frozen, read_until_value
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -131,6 +131,19 @@ async def test_a_restart_on_a_passed_socket_refuses_nothing_and_loses_nothing(da
     assert failures == []
     assert waited > 0  # POSTs that no livecounter took when sent waited in the backlog for the next
     assert json.loads(data_file.read_text())["1"] == acknowledged
+
+
+@pytest.mark.parametrize("socket_from", ["systemd", "its own"])
+async def test_a_crowd_arriving_at_once_waits_in_the_listening_socket(data_file, processes, socket_from):
+    """After a restart every browser reconnects at once: 600 connections opened while livecounter
+    doesn't accept (stopped) are all queued by the listening socket, the socket unit's (Backlog=4096)
+    or its own, not left to SYN retransmits (1 s, 3 s, ...): aiohttp listens again with 128 unless told."""
+    if socket_from == "systemd":
+        server = await ActivatedServer(processes, listening_socket(), data_file).start()
+    else:
+        server = await Server(data_file).start()
+    assert await asyncio.to_thread(handshakes_while_frozen, [server.process.pid], server.port) == 600
+    assert await server.stop() == 0
 
 
 async def test_it_serves_through_systemd_socket_activate(data_file, processes):

@@ -23,7 +23,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.helpers import HERE, SSE, Server, free_port, metric, read_retry, wait_until
+from tests.helpers import HERE, SSE, Server, free_port, handshakes_while_frozen, metric, read_retry, wait_until
 
 
 def need_redis(program="redis-server"):
@@ -411,6 +411,21 @@ async def test_workers_share_one_port_and_one_killed_leaves_the_others_serving(r
         await wait_until(lambda: len(worker_pids(supervisor.process.pid)) == 2, timeout=5, message="restarted")
     assert await supervisor.stop() == 0
     assert worker_pids(supervisor.process.pid) == []
+
+
+async def test_a_crowd_arriving_at_once_waits_for_the_workers(redis, data_file):
+    """The supervisor's socket queues a crowd that arrives while the workers are busy (stopped here):
+    600 connections opened at once all complete their handshake, none left to SYN retransmits."""
+    supervisor = await livecounter(data_file, redis.url, "--workers", "2").start()
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as session:
+        leaders = set()
+        for _ in range(200):  # until both serve (listening on the socket as they do): one leads
+            leaders.add(await metric(session, supervisor.url, "redis_leader"))
+            if leaders == {0, 1}:
+                break
+        assert leaders == {0, 1}
+    assert await asyncio.to_thread(handshakes_while_frozen, worker_pids(supervisor.process.pid), supervisor.port) == 600
+    assert await supervisor.stop() == 0
 
 
 async def test_workers_take_a_socket_from_systemd(redis, data_file):
