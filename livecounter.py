@@ -3263,6 +3263,8 @@ async def read_body(request: web.Request) -> bytes:
     except asyncio.TimeoutError:  # the builtin TimeoutError from 3.11 on, but a class of its own on 3.10
         abort(web.HTTPRequestTimeout, f"the request body did not arrive within {BODY_TIMEOUT} s",
               headers={"Connection": "close"})
+    except ConnectionResetError:  # the client left before its body ended: nothing changed, no bug
+        abort(web.HTTPBadRequest, "the request body ended early (the connection closed)", headers={"Connection": "close"})
 
 
 def body_too_large() -> NoReturn:

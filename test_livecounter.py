@@ -485,6 +485,18 @@ async def test_an_oversized_body_gets_413(client):
     assert await (await client.get("/counters/1/")).text() == "1\n"
 
 
+async def test_a_client_that_leaves_during_its_body_changes_nothing_and_logs_no_error(client, caplog):
+    for _ in range(3):
+        _, writer = await asyncio.open_connection("127.0.0.1", client.server.port)
+        writer.write(b"POST /counters/1/ HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nab")  # 2 of 5 bytes
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.close()
+    await asyncio.sleep(0.3)
+    assert await (await client.get("/counters/1/")).text() == "0\n"
+    assert "Error handling request" not in caplog.text and "Traceback" not in caplog.text, caplog.text
+
+
 async def test_an_increment_past_the_largest_exact_integer_gets_409(make_client, tmp_path):
     path = tmp_path / "big.json"
     path.write_text(json.dumps({"big": 2**53 - 2}))
