@@ -183,12 +183,26 @@ def redis_url(given: object) -> str:
     redis+sentinel://HOST:PORT[,HOST:PORT...]/SERVICE[/DB] (the primary Sentinel names SERVICE)."""
     if isinstance(given, str):
         scheme = given.partition("://")[0]
-        if scheme in ("redis", "rediss", "unix") and len(given) > len(scheme) + 3:
+        if scheme in ("redis", "rediss", "unix") and len(given) > len(scheme) + 3 and valid_redis_address(given):
             return given
         if scheme == "redis+sentinel" and sentinel_parts(given) is not None:
             return given
     raise ValueError("must be redis://HOST:PORT[/DB], rediss://..., unix://PATH or "
                      f"redis+sentinel://[:PASSWORD@]HOST:PORT[,HOST:PORT...]/SERVICE[/DB], not {shown_url(str(given))!r}")
+
+
+def valid_redis_address(url: str) -> bool:
+    """Whether a redis:// or rediss:// URL's port and database are numbers: redis-py takes a database
+    that isn't one (redis://host/l) as database 0, and a port that isn't one fails only at connecting."""
+    if url.startswith("unix://"):
+        return True
+    parts = urllib.parse.urlsplit(url)
+    try:
+        parts.port  # noqa: B018 - raises ValueError if it isn't a number
+    except ValueError:
+        return False
+    database = parts.path.strip("/")
+    return bool(parts.hostname) and (not database or database.isdigit())
 
 
 class SentinelURL(NamedTuple):

@@ -1933,6 +1933,8 @@ async def test_port_0_says_the_port_it_got(data_file):
     ([], {"LIVECOUNTER_PORT": "http"}, "LIVECOUNTER_PORT: must be a whole number, not 'http'"),
     ([], {"LIVECOUNTER_GRIP_URL": "http://127.0.0.1:5561/ 5562"}, "LIVECOUNTER_GRIP_URL: must be an http:// "),
     ([], {"LIVECOUNTER_MAX_LISTENERS_PER_IP": "0"}, "LIVECOUNTER_MAX_LISTENERS_PER_IP: must be a whole number from 1 to 1,000,000,000"),
+    (["--redis", "redis://127.0.0.1:6379/l"], {}, "argument --redis: must be redis://HOST:PORT[/DB]"),  # not database 0
+    (["--redis", "redis://127.0.0.1:abc/"], {}, "argument --redis: must be redis://HOST:PORT[/DB]"),
 ])
 def test_a_setting_that_is_not_one_stops_the_start_with_one_line_naming_it(monkeypatch, capsys, argv, environment, reason):
     for name, value in environment.items():
