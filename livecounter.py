@@ -2885,15 +2885,17 @@ class RedisLink:
                     raise asyncio.TimeoutError("no message from Redis, not even this process's heartbeat")
         except Exception as error:  # noqa: BLE001 - the outage, then a new subscription
             self._failed(error)
-            await asyncio.sleep(self.working.retry_delay)
+            # Each second, like the heartbeat, not after the outage's growing delay: a Redis back
+            # after a restart or a failover takes changes again within a second, and streams follow.
+            await asyncio.sleep(HEARTBEAT)
         finally:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(pubsub.aclose(), REDIS_GIVE_UP)
 
-    async def _beat(self) -> None:
+    async def _beat(self, retried: bool = False) -> None:
         """Every HEARTBEAT (the first at once): say this process lives, keep its shared counts, take
         or keep the leadership."""
-        if self._beaten:
+        if self._beaten and not retried:
             await asyncio.sleep(HEARTBEAT)
         self._beaten = True
         watchers = REDIS_PREFIX + "watchers:" + self.process
@@ -2913,9 +2915,15 @@ class RedisLink:
         pipe.evalsha(self._scripts[RENEW_SCRIPT], 1, REDIS_PREFIX + "leader", self.process, LEADER_TTL_MS)
         try:
             answers = await asyncio.wait_for(pipe.execute(), REDIS_GIVE_UP)
-        except Exception:
+        except Exception as error:  # noqa: BLE001 - Redis down or failing over: the next beat tries again
             self._counts_to_store = counts | self._counts_to_store
-            raise
+            if isinstance(error, self._redis.exceptions.NoScriptError) and not retried:
+                # A Redis restarted, or another primary: it knows the scripts once they are loaded.
+                with contextlib.suppress(Exception):
+                    await self.load_scripts()
+                    return await self._beat(retried=True)
+            self._failed(error)
+            return
         self.working.succeeded()  # writes work again (the leader's key is one): changes are taken again
         if self.durable:
             self._judge_durability({**answers[-4], **answers[-3]}, answers[-2])

@@ -260,6 +260,22 @@ async def _all_healthy(session, processes):
     return all([(await session.get(f"{process.url}/healthz")).status == 200 for process in processes])
 
 
+async def test_writes_are_taken_again_within_two_seconds_of_redis_coming_back(redis, data_file):
+    process = await livecounter(data_file, redis.url).start()
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+        for _ in range(2):  # the heartbeat's second, not a delay grown through the outage (up to 5 s)
+            redis.kill()
+            await asyncio.sleep(10)
+            redis.process = (await Redis(redis.directory, port=redis.port).start()).process
+            back = time.monotonic()
+            while (await session.post(f"{process.url}/counters/1/")).status != 200:
+                assert time.monotonic() - back < 2.5, "a POST is taken within 2.5 s of Redis answering again"
+                await asyncio.sleep(0.05)
+    assert await process.stop() == 0
+    log = process.log.read_text()
+    assert "Traceback" not in log, "a Redis that is down is no bug: " + log
+
+
 async def test_durable_on_a_redis_that_does_not_fsync_every_change_is_refused_at_the_start(tmp_path, data_file):
     redis = await Redis(tmp_path / "redis", appendfsync="everysec").start()
     try:
