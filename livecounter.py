@@ -4670,6 +4670,7 @@ def supervise(args: argparse.Namespace, argv: list[str], sockets: list[socket.so
             return 1
     command = [sys.executable, os.path.abspath(__file__), *argv, "--workers", "1"]
     workers = {start_worker(command, sockets): number for number in range(args.workers)}
+    first = set(workers)  # a worker of these that ends with status 2 could not start: nor can the others
     stopping = False
 
     def stop(signal_number: int, frame: object) -> None:
@@ -4694,6 +4695,11 @@ def supervise(args: argparse.Namespace, argv: list[str], sockets: list[socket.so
         code = os.waitstatus_to_exitcode(status)
         if stopping:  # one still starting when the stop came dies of its SIGTERM: it had nothing to do
             worst = max(worst, 0 if code == -signal.SIGTERM else code if code >= 0 else 1)
+            continue
+        if pid in first and code == 2:  # its start was refused (it said why): a setting, or Redis
+            log.error("worker %d could not start (above); stopping", number)
+            worst = 2
+            stop(signal.SIGTERM, None)
             continue
         log.error("worker %d (pid %d) ended with %s; starting another in %g s", number, pid,
                   f"status {code}" if code >= 0 else signal.Signals(-code).name, WORKER_RESTART_DELAY)

@@ -474,6 +474,19 @@ def worker_pids(supervisor: int) -> list[int]:
     return pids
 
 
+async def test_workers_whose_start_is_refused_stop_the_supervisor(tmp_path, data_file):
+    redis = await Redis(tmp_path / "redis", appendfsync="everysec").start()
+    try:
+        process = livecounter(data_file, redis.url, "--durable", "--workers", "2")
+        child = await asyncio.create_subprocess_exec(*process.command, *process.args, env=process.env,
+                                                     stderr=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+        _, stderr = await asyncio.wait_for(child.communicate(), 20)
+        assert child.returncode == 2, "as one process's start, refused: not tried again and again"
+        assert "appendfsync always" in stderr.decode()
+    finally:
+        redis.kill()
+
+
 async def test_workers_need_redis(data_file):
     process = await asyncio.create_subprocess_exec(
         sys.executable, str(HERE / "livecounter.py"), "--data", str(data_file), "--workers", "2",
