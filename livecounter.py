@@ -2590,13 +2590,15 @@ SEED_CHUNK = 10_000  # counters per command when the data file seeds an empty Re
 # was 14% of a POST's CPU, py-spy).
 CHANGE_SCRIPT = string.Template("""
 -- ARGV: operation (incr, set, delete, probe), counter id, value (set). Answers {value, version};
--- version 0 with value -1: no such counter, -2: the limit of counters, -3: at the largest value.
+-- version 0 with value -1: no such counter, -2: the limit of counters, -3: at the largest value,
+-- -4: Redis lost its counters (restarted empty) and has not been given them again.
 local values, versions, order, made = "${prefix}values", "${prefix}versions", "${prefix}order", "${prefix}made"
 local operation, id = ARGV[1], ARGV[2]
 if operation == "probe" then
   redis.call("SET", made .. ":probe", "1")  -- a write: refused by a replica, as a change would be
   return {0, 0}
 end
+if redis.call("GET", "${prefix}seeded") ~= "done" then return {-4, 0} end
 local exists = redis.call("HEXISTS", values, id) == 1
 local value = 0
 if operation == "incr" then
@@ -2808,27 +2810,33 @@ class RedisLink:
         self.fitness.failed(reason)
         return reason
 
-    async def seed(self, counters: dict[str, int]) -> bool:
-        """The data file's counters, into a Redis that never had any (the first start, once): whether
-        this process put them in. Another process doing it meanwhile is waited for."""
+    async def seed(self, counters: dict[str, int], versions: dict[str, int] | None = None) -> bool:
+        """Counters (with their versions, if given), into a Redis that has none (no seeded key: the
+        first start, or a Redis that lost its data): whether this process put them in. Another process
+        doing it meanwhile is waited for. Every process reads Redis anew once it is done (the message
+        "r"): those running meanwhile may hold other counters."""
         seeded = REDIS_PREFIX + "seeded"
-        if await self.client.set(seeded, "in progress", nx=True, ex=300):  # the others wait for "done"
-            ids = list(counters)
-            for start in range(0, len(ids), SEED_CHUNK):
-                chunk = {counter_id: counters[counter_id] for counter_id in ids[start:start + SEED_CHUNK]}
-                pipe = self.client.pipeline(transaction=False)
-                pipe.hset(self._keys[0], mapping=chunk)
-                pipe.zadd(self._keys[2], {counter_id: start + number for number, counter_id in enumerate(chunk)})
-                await pipe.execute()
-            await self.client.set(self._keys[3], len(ids), nx=True)
-            await self.client.set(seeded, "done")
-            return True
-        while await self.client.get(seeded) != b"done":  # another process seeds: wait for it
-            await asyncio.sleep(0.1)
-        return False
+        while not await self.client.set(seeded, "in progress", nx=True, ex=300):  # the others wait for "done"
+            if await self.client.get(seeded) == b"done":
+                return False
+            await asyncio.sleep(0.1)  # another process seeds (if it dies, its key expires: then this one)
+        ids = list(counters)
+        for start in range(0, len(ids), SEED_CHUNK):
+            chunk = {counter_id: counters[counter_id] for counter_id in ids[start:start + SEED_CHUNK]}
+            pipe = self.client.pipeline(transaction=False)
+            pipe.hset(self._keys[0], mapping=chunk)
+            if versions:
+                pipe.hset(self._keys[1], mapping={counter_id: versions.get(counter_id, 0) for counter_id in chunk})
+            pipe.zadd(self._keys[2], {counter_id: start + number for number, counter_id in enumerate(chunk)})
+            await pipe.execute()
+        await self.client.set(self._keys[3], len(ids), nx=True)
+        await self.client.set(seeded, "done")
+        await self.client.publish(REDIS_PREFIX + "changes", "r")
+        return True
 
-    async def load(self) -> tuple[dict[str, int], dict[str, int]]:
-        """Every counter's value and version, in the listing's order."""
+    async def load(self, known: Iterable[str] = ()) -> tuple[dict[str, int], dict[str, int]]:
+        """Every counter's value and version, in the listing's order; and the versions of the known
+        ids Redis has no counter of (0 if it never had: a Redis that lost its data counts anew)."""
         ids = [member.decode() for member in await self.client.zrange(self._keys[2], 0, -1)]
         values, versions = {}, {}
         for start in range(0, len(ids), SEED_CHUNK):
@@ -2841,7 +2849,15 @@ class RedisLink:
                 if value is not None:
                     values[counter_id] = int(value)
                     versions[counter_id] = int(version or 0)
+        missing = [counter_id for counter_id in known if counter_id not in values]
+        for start in range(0, len(missing), SEED_CHUNK):
+            chunk = missing[start:start + SEED_CHUNK]
+            versions.update(zip(chunk, (int(version or 0) for version in await self.client.hmget(self._keys[1], chunk))))
         return values, versions
+
+    async def lost_its_counters(self) -> bool:
+        """Whether Redis has no counters it was given (restarted empty, or flushed)."""
+        return await self.client.get(REDIS_PREFIX + "seeded") != b"done"
 
     async def watcher_counts(self) -> dict[str, dict[str, int]]:
         """Every other process's shared counts: process -> {counter id: count}."""
@@ -2880,7 +2896,10 @@ class RedisLink:
                 message = await pubsub.get_message(timeout=HEARTBEAT)
                 if message is not None:
                     quiet_since = time.monotonic()
-                    self.on_message(message["data"].decode())
+                    if message["data"] == b"r" and self.on_subscribed is not None:
+                        await self.on_subscribed()  # Redis was given counters anew: read them all
+                    else:
+                        self.on_message(message["data"].decode())
                 elif time.monotonic() - quiet_since > DEAD_AFTER:  # not even its own heartbeat came
                     raise asyncio.TimeoutError("no message from Redis, not even this process's heartbeat")
         except Exception as error:  # noqa: BLE001 - the outage, then a new subscription
@@ -2973,6 +2992,16 @@ class RedisCounters(CounterStore):
         self.recent: collections.OrderedDict[str, float] = collections.OrderedDict()  # changed ids, by when
 
     @property
+    def versions(self) -> dict[str, int]:
+        """Each counter's version (how many changes Redis made to it), and those deleted lately."""
+        return self._versions
+
+    @property
+    def known(self) -> list[str]:
+        """The ids this replica has a version of: its counters, and those deleted lately."""
+        return list(self._versions)
+
+    @property
     def refusing(self) -> str | None:  # type: ignore[override]
         """While Redis fails: changes are refused at once (503), not queued behind a timeout."""
         return self._link.refusing
@@ -2983,9 +3012,10 @@ class RedisCounters(CounterStore):
 
     def replace_all(self, values: dict[str, int], versions: dict[str, int]) -> None:
         """Values and versions read anew from Redis (at the start, after an outage): they are the
-        truth; what changed goes to the feed."""
-        for counter_id in [counter_id for counter_id in self._values if counter_id not in values]:
-            self.apply(counter_id, None, self._versions.get(counter_id, 0), exactly=True)
+        truth, the versions of counters it doesn't have too (Redis may have lost them, and counts
+        anew); what changed goes to the feed."""
+        for counter_id in [counter_id for counter_id in self._versions if counter_id not in values]:
+            self.apply(counter_id, None, versions.get(counter_id, 0), exactly=True)
         for counter_id, value in values.items():
             if self._values.get(counter_id) != value or self._versions.get(counter_id) != versions[counter_id]:
                 self.apply(counter_id, value, versions[counter_id], exactly=True)
@@ -3032,6 +3062,9 @@ class RedisCounters(CounterStore):
                 raise CounterLimitReached(self._max_counters)
             if answer == -3:
                 raise OverflowError(counter_id)
+            if answer == -4:  # a change now could be overwritten when the counters go back in
+                raise Unavailable(f"Redis at {shown_url(self._link.url)} lost its counters; they go back in "
+                                  "from a running process, or the data file at the next start")
             raise KeyError(counter_id)
         self.increments += operation == "incr"
         self.apply(counter_id, None if operation == "delete" else answer, version)
@@ -3072,8 +3105,11 @@ def hear_from_redis(link: RedisLink, store: RedisCounters, presence: Presence, g
 
 async def resynchronized(link: RedisLink, store: RedisCounters, presence: Presence) -> None:
     """After (re)subscribing: what changed while this process wasn't listening (every value, the
-    other processes' counts), and this process's own counts shared again."""
-    store.replace_all(*await link.load())
+    other processes' counts), and this process's own counts shared again. A Redis that lost its
+    counters (restarted empty) gets this process's, the latest there are, unless another's came first."""
+    if await link.lost_its_counters() and await link.seed(dict(store.values), dict(store.versions)):
+        log.warning("Redis had lost its counters: this process's %d are in it again", len(store.values))
+    store.replace_all(*await link.load(store.known))
     presence.replace_remote(await link.watcher_counts())
     presence.share_all()
 

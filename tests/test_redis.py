@@ -260,6 +260,91 @@ async def _all_healthy(session, processes):
     return all([(await session.get(f"{process.url}/healthz")).status == 200 for process in processes])
 
 
+async def restart_empty(redis):
+    """Redis killed and started again with nothing: its files gone, as a Redis without persistence."""
+    redis.kill()
+    for file in redis.directory.iterdir():
+        if file.name != "redis.log":
+            shutil.rmtree(file) if file.is_dir() else file.unlink()
+    redis.process = (await Redis(redis.directory, port=redis.port).start()).process
+
+
+async def listing(session, url):
+    response = await session.get(f"{url}/counters/")
+    return await response.json() if response.status == 200 else None
+
+
+async def test_a_redis_restarted_empty_gets_the_counters_back_and_every_process_follows(redis, data_file):
+    processes = [await livecounter(data_file, redis.url).start() for _ in range(2)]
+    admin = {"Authorization": "Bearer admin"}
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+        for _ in range(20):
+            assert (await session.post(f"{processes[0].url}/counters/3/")).status == 200
+        seen = []
+        reader = asyncio.create_task(follow(session, f"{processes[1].url}/counters/3/", seen))
+        await wait_until(lambda: seen == [20])
+        await restart_empty(redis)
+        await wait_until(lambda: redis.command("HGET", "{livecounter}:values", "3") == "20", timeout=5,
+                         message="a running process put its counters back into Redis")
+        put = await session.put(f"{processes[0].url}/counters/3/", json={"value": 5}, headers=admin)
+        assert (put.status, await put.text()) == (200, "5\n"), await put.text()
+        assert await (await session.post(f"{processes[1].url}/counters/3/")).text() == "6\n"
+        for process in processes:
+            await wait_until(lambda: _value(session, f"{process.url}/counters/3/", "6\n"), timeout=3,
+                             message="each process follows the counter made anew in Redis")
+        await wait_until(lambda: seen[-1:] == [6], timeout=3, message="a stream opened before the restart follows")
+        reader.cancel()
+        lists = [await listing(session, process.url) for process in processes]
+        assert lists[0] == lists[1] == {**json.loads(data_file.read_text()), "3": 6}
+    for process in processes:
+        assert await process.stop() == 0
+    assert "Traceback" not in processes[0].log.read_text() + processes[1].log.read_text()
+
+
+async def test_a_redis_restarted_empty_under_a_process_with_no_counters_takes_changes_again(redis, tmp_path):
+    empty = tmp_path / "empty.json"
+    empty.write_text("{}")
+    process = await livecounter(empty, redis.url, "--auto-create").start()
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+        await restart_empty(redis)
+        await wait_until(lambda: _status_of_post(session, f"{process.url}/counters/page/", 200), timeout=5,
+                         message="changes are taken again: nothing to put back is something to put back")
+    assert await process.stop() == 0
+
+
+async def _status_of_post(session, url, status):
+    return (await session.post(url)).status == status
+
+
+async def _value(session, url, text):
+    response = await session.get(url)
+    return response.status == 200 and await response.text() == text
+
+
+async def test_a_process_started_on_a_redis_that_lost_its_counters_agrees_with_the_running_ones(redis, tmp_path):
+    """Whichever fills the empty Redis first, the running process (its latest values) or the starting
+    one (its data file), every process ends up with what Redis has."""
+    for round_ in range(3):
+        running_file, starting_file = tmp_path / f"running-{round_}.json", tmp_path / f"starting-{round_}.json"
+        running_file.write_text(json.dumps({"a": 1, "b": 2}))
+        starting_file.write_text(json.dumps({"c": 3}))
+        running = await livecounter(running_file, redis.url).start()
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+            await session.post(f"{running.url}/counters/a/")
+            await restart_empty(redis)
+            await asyncio.sleep(0.3 * round_)  # the race both ways
+            starting = await livecounter(starting_file, redis.url).start()
+
+            async def agreed():
+                lists = [await listing(session, process.url) for process in (running, starting)]
+                in_redis = {key: int(value) for key, value in zip(
+                    *[iter(redis.command("HGETALL", "{livecounter}:values").split())] * 2)}
+                return lists[0] == lists[1] == in_redis != {}
+            await wait_until(agreed, timeout=5, message="both processes list what Redis has")
+        assert await running.stop() == 0 and await starting.stop() == 0
+        redis.command("FLUSHALL")
+
+
 async def test_writes_are_taken_again_within_two_seconds_of_redis_coming_back(redis, data_file):
     process = await livecounter(data_file, redis.url).start()
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
