@@ -1848,13 +1848,15 @@ class Presence:
     def alive(self, process: str) -> None:
         self._heard_from[process] = time.monotonic()
 
-    def replace_remote(self, counts: dict[str, dict[str, int]]) -> None:
-        """The other processes' counts as Redis holds them (after a subscription)."""
+    def replace_remote(self, counts: dict[str, dict[str, int]], silent_for: dict[str, float]) -> None:
+        """The other processes' counts as Redis holds them (after a subscription), and how long each
+        has been silent: a process that died a moment ago counts only until DEAD_AFTER after its last
+        heartbeat, not DEAD_AFTER after this one read its counts."""
         touched = set(self._remote)
         self._remote = {}
         now = time.monotonic()
         for process, by_counter in counts.items():
-            self._heard_from.setdefault(process, now)
+            self._heard_from[process] = max(self._heard_from.get(process, -math.inf), now - silent_for[process])
             for counter_id, count in by_counter.items():
                 if count:
                     self._remote.setdefault(counter_id, {})[process] = count
@@ -2859,15 +2861,20 @@ class RedisLink:
         """Whether Redis has no counters it was given (restarted empty, or flushed)."""
         return await self.client.get(REDIS_PREFIX + "seeded") != b"done"
 
-    async def watcher_counts(self) -> dict[str, dict[str, int]]:
-        """Every other process's shared counts: process -> {counter id: count}."""
-        counts = {}
+    async def watcher_counts(self) -> tuple[dict[str, dict[str, int]], dict[str, float]]:
+        """Every other process's shared counts, process -> {counter id: count}, and how long ago each
+        last renewed them (its heartbeat sets them to expire DEAD_AFTER later)."""
+        counts, silent_for = {}, {}
         async for key in self.client.scan_iter(match=REDIS_PREFIX + "watchers:*", count=1000):
             process = key.decode()[len(REDIS_PREFIX + "watchers:"):]
             if process != self.process:
-                counts[process] = {counter_id.decode(): int(count)
-                                   for counter_id, count in (await self.client.hgetall(key)).items()}
-        return counts
+                pipe = self.client.pipeline(transaction=False)
+                pipe.hgetall(key)
+                pipe.pttl(key)
+                by_counter, expires_in_ms = await pipe.execute()
+                counts[process] = {counter_id.decode(): int(count) for counter_id, count in by_counter.items()}
+                silent_for[process] = max(0.0, DEAD_AFTER - max(expires_in_ms, 0) / 1000)
+        return counts, silent_for
 
     def share_count(self, counter_id: str, count: int) -> None:
         """This process's own count of the counter's watchers, for the others (batched)."""
@@ -3110,7 +3117,7 @@ async def resynchronized(link: RedisLink, store: RedisCounters, presence: Presen
     if await link.lost_its_counters() and await link.seed(dict(store.values), dict(store.versions)):
         log.warning("Redis had lost its counters: this process's %d are in it again", len(store.values))
     store.replace_all(*await link.load(store.known))
-    presence.replace_remote(await link.watcher_counts())
+    presence.replace_remote(*await link.watcher_counts())
     presence.share_all()
 
 

@@ -171,6 +171,26 @@ async def test_a_counter_watched_on_two_processes_counts_on_both(redis, data_fil
     assert await first.stop() == 0
 
 
+async def test_counts_read_from_redis_last_only_until_their_process_would_be_silent_too_long(redis, data_file):
+    """A process (a worker restarted after a kill -9, say) that reads a dead process's counts while they
+    last in Redis counts them until 3.5 s after that process's last heartbeat, not 3.5 s after it read them."""
+    process = await livecounter(data_file, redis.url).start()
+    async with aiohttp.ClientSession() as session:
+        # A process that died 3 s after its last heartbeat: its counts expire in 0.5 s (they are kept
+        # for 3.5 s after each). The message r makes the live process read every count anew.
+        redis.command("HSET", "{livecounter}:watchers:ghost", "3", "5")
+        redis.command("PEXPIRE", "{livecounter}:watchers:ghost", "500")
+        redis.command("PUBLISH", "{livecounter}:changes", "r")
+        read = time.monotonic()
+
+        async def counted(expected):
+            return await (await session.get(f"{process.url}/counters/3/watchers/")).text() == f"{expected}\n"
+        await asyncio.sleep(0.2)
+        await wait_until(lambda: counted(0), timeout=max(0.1, read + 2.0 - time.monotonic()),
+                         message="uncounted within 0.5 s and a heartbeat, not 3.5 s after it was read")
+    assert await process.stop() == 0
+
+
 async def test_the_data_file_seeds_an_empty_redis_once(redis, tmp_path):
     first_file = tmp_path / "first.json"
     first_file.write_text(json.dumps({"a": 5, "b": 7}))
