@@ -2586,6 +2586,7 @@ LEADER_TTL_MS = 3000  # how long the leadership lasts unless renewed
 RECENT = 10.0  # seconds a change is remembered, for a new leader to publish and purge it again
 WAIT_TIMEOUT_MS = 400  # --durable: how long a change waits for a replica (within REDIS_TIMEOUT's read)
 SEED_CHUNK = 10_000  # counters per command when the data file seeds an empty Redis
+SEED_HOLD = 10  # seconds a seed in progress holds off the others, renewed with each chunk
 
 # The change script, with the keys and the settings it needs written into it: a call is then EVALSHA,
 # its SHA1, 0 and 2 or 3 arguments, which redis-py packs in a fraction of the time 13 took (packing
@@ -2817,15 +2818,18 @@ class RedisLink:
         first start, or a Redis that lost its data): whether this process put them in. Another process
         doing it meanwhile is waited for. Every process reads Redis anew once it is done (the message
         "r"): those running meanwhile may hold other counters."""
-        seeded = REDIS_PREFIX + "seeded"
-        while not await self.client.set(seeded, "in progress", nx=True, ex=300):  # the others wait for "done"
-            if await self.client.get(seeded) == b"done":
+        seeded, mine = REDIS_PREFIX + "seeded", f"in progress {self.process}"
+        while not await self.client.set(seeded, mine, nx=True, ex=SEED_HOLD):  # the others wait for "done"
+            if (held := await self.client.get(seeded)) == b"done":
                 return False
+            if held == mine.encode():  # this process's own seed, which failed (Redis stalled): again
+                break
             await asyncio.sleep(0.1)  # another process seeds (if it dies, its key expires: then this one)
         ids = list(counters)
         for start in range(0, len(ids), SEED_CHUNK):
             chunk = {counter_id: counters[counter_id] for counter_id in ids[start:start + SEED_CHUNK]}
             pipe = self.client.pipeline(transaction=False)
+            pipe.expire(seeded, SEED_HOLD)
             pipe.hset(self._keys[0], mapping=chunk)
             if versions:
                 pipe.hset(self._keys[1], mapping={counter_id: versions.get(counter_id, 0) for counter_id in chunk})
@@ -2927,6 +2931,7 @@ class RedisLink:
         watchers = REDIS_PREFIX + "watchers:" + self.process
         counts, self._counts_to_store = self._counts_to_store, {}
         pipe = self.client.pipeline(transaction=False)
+        pipe.get(REDIS_PREFIX + "seeded")
         pipe.publish(REDIS_PREFIX + "changes", f"h {self.process}")
         for counter_id, count in counts.items():
             if count:
@@ -2951,6 +2956,8 @@ class RedisLink:
             self._failed(error)
             return
         self.working.succeeded()  # writes work again (the leader's key is one): changes are taken again
+        if answers[0] is None:  # its counters are gone, though no connection broke (FLUSHALL, an eviction):
+            self.publish("r")  # every process reads Redis anew, and the first puts its copy back
         if self.durable:
             self._judge_durability({**answers[-4], **answers[-3]}, answers[-2])
         self.on_beat()

@@ -321,6 +321,47 @@ async def test_a_redis_restarted_empty_gets_the_counters_back_and_every_process_
     assert "Traceback" not in processes[0].log.read_text() + processes[1].log.read_text()
 
 
+async def test_a_redis_flushed_under_running_processes_gets_their_counters_back(redis, data_file):
+    """FLUSHALL breaks no connection: the heartbeat sees the counters gone."""
+    processes = [await livecounter(data_file, redis.url).start() for _ in range(2)]
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+        for _ in range(3):
+            await session.post(f"{processes[0].url}/counters/2/")
+        redis.command("FLUSHALL")
+        await wait_until(lambda: _status_of_post(session, f"{processes[1].url}/counters/2/", 200), timeout=5,
+                         message="changes taken again within a heartbeat and a copy put back")
+        for process in processes:
+            await wait_until(lambda: _value(session, f"{process.url}/counters/2/", "4\n"), timeout=3,
+                             message="every process on the value the copy put back, plus the POST after it")
+        health = await session.get(f"{processes[0].url}/healthz")
+        assert health.status == 200, await health.text()
+    for process in processes:
+        assert await process.stop() == 0
+
+
+async def test_a_copy_going_back_into_redis_survives_redis_stalling_meanwhile(redis, tmp_path):
+    import redis as redis_py
+    many = tmp_path / "many.json"
+    many.write_text(json.dumps({f"c{n}": n for n in range(100_000)}))
+    processes = [await livecounter(many, redis.url).start() for _ in range(2)]
+    client = redis_py.Redis(port=redis.port)
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+        await restart_empty(redis)
+        deadline = time.monotonic() + 10
+        while not (client.get("{livecounter}:seeded") or b"").startswith(b"in progress"):
+            assert time.monotonic() < deadline, "a running process puts its copy back"
+            await asyncio.sleep(0.002)
+        client.client_pause(1500)  # Redis stalls while the copy goes back: its commands time out
+        paused = time.monotonic()
+        await wait_until(lambda: _status_of_post(session, f"{processes[0].url}/counters/c3/", 200), timeout=15,
+                         message="the copy is put back once Redis answers: not after the seed's key expired")
+        assert time.monotonic() - paused < 15
+        assert client.hlen("{livecounter}:values") == 100_000
+    client.close()
+    for process in processes:
+        assert await process.stop() == 0
+
+
 async def test_a_redis_restarted_empty_under_a_process_with_no_counters_takes_changes_again(redis, tmp_path):
     empty = tmp_path / "empty.json"
     empty.write_text("{}")
