@@ -4,6 +4,7 @@ Mounting needs root (CI runs as root); elsewhere these tests are skipped, and un
 """
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -37,20 +38,27 @@ class SmallDisk:
         self.filler.unlink()
 
 
-@pytest.fixture
-def small_disk(tmp_path):
+@contextlib.contextmanager
+def tmpfs(tmp_path, size):
+    """A tmpfs of `size` (mount's size=, "64k") at tmp_path/disk, for the test's duration (root only)."""
     if os.geteuid() != 0:
         if os.environ.get("CI") == "true":
             pytest.fail("mounting a tmpfs needs root; CI runs as root")
         pytest.skip("mounting a tmpfs needs root")
     mount_point = tmp_path / "disk"
     mount_point.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount_point)], check=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount_point)], check=True)
     try:
-        (mount_point / "counters.json").write_text(json.dumps(ZEROS))
-        yield SmallDisk(mount_point)
+        yield mount_point
     finally:
         subprocess.run(["umount", "-l", str(mount_point)], check=True)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    with tmpfs(tmp_path, "64k") as mount_point:
+        (mount_point / "counters.json").write_text(json.dumps(ZEROS))
+        yield SmallDisk(mount_point)
 
 
 async def test_durable_refuses_increments_while_the_disk_is_full_then_catches_up(aiohttp_client, small_disk):
@@ -160,17 +168,8 @@ async def test_a_stop_whose_final_save_fails_says_what_is_lost_and_exits_non_zer
 @pytest.fixture
 def two_megabytes(tmp_path):
     """A 2 MiB tmpfs: room for a journal just past the size that makes a compaction due."""
-    if os.geteuid() != 0:
-        if os.environ.get("CI") == "true":
-            pytest.fail("mounting a tmpfs needs root; CI runs as root")
-        pytest.skip("mounting a tmpfs needs root")
-    mount_point = tmp_path / "disk"
-    mount_point.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount_point)], check=True)
-    try:
+    with tmpfs(tmp_path, "2m") as mount_point:
         yield mount_point
-    finally:
-        subprocess.run(["umount", "-l", str(mount_point)], check=True)
 
 
 def fill(path):
